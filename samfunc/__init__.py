@@ -1,0 +1,79 @@
+"""samfunc: Sharpness-Aware Minimization for PyTorch, as pure functions.
+
+The public API is flat: everything is importable from ``samfunc``.
+
+Example:
+    >>> import torch
+    >>> import samfunc
+    >>> opt = samfunc.sgd(0.1, momentum=0.9)
+    >>> params = {"w": torch.zeros(3)}
+    >>> opt_state = opt.init(params)
+"""
+
+from ._alias import adam as adam
+from ._alias import adamw as adamw
+from ._alias import sgd as sgd
+from ._base import EmptyState as EmptyState
+from ._base import GradientTransformation as GradientTransformation
+from ._base import Schedule as Schedule
+from ._base import TransformInitFn as TransformInitFn
+from ._base import TransformUpdateFn as TransformUpdateFn
+from ._combine import MaskedState as MaskedState
+from ._combine import chain as chain
+from ._combine import masked as masked
+from ._schedule import constant_schedule as constant_schedule
+from ._schedule import cosine_decay_schedule as cosine_decay_schedule
+from ._schedule import join_schedules as join_schedules
+from ._schedule import linear_schedule as linear_schedule
+from ._schedule import multistep_schedule as multistep_schedule
+from ._schedule import step_schedule as step_schedule
+from ._schedule import warmup_cosine_decay_schedule as warmup_cosine_decay_schedule
+from ._transform import ScaleByAdamState as ScaleByAdamState
+from ._transform import ScaleByScheduleState as ScaleByScheduleState
+from ._transform import TraceState as TraceState
+from ._transform import add_decayed_weights as add_decayed_weights
+from ._transform import clip_by_global_norm as clip_by_global_norm
+from ._transform import identity as identity
+from ._transform import scale as scale
+from ._transform import scale_by_adam as scale_by_adam
+from ._transform import scale_by_learning_rate as scale_by_learning_rate
+from ._transform import scale_by_schedule as scale_by_schedule
+from ._transform import trace as trace
+from ._tree import global_norm as global_norm
+from ._update import apply_updates as apply_updates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EmptyState",
+    "GradientTransformation",
+    "MaskedState",
+    "ScaleByAdamState",
+    "ScaleByScheduleState",
+    "Schedule",
+    "TraceState",
+    "TransformInitFn",
+    "TransformUpdateFn",
+    "adam",
+    "adamw",
+    "add_decayed_weights",
+    "apply_updates",
+    "chain",
+    "clip_by_global_norm",
+    "constant_schedule",
+    "cosine_decay_schedule",
+    "global_norm",
+    "identity",
+    "join_schedules",
+    "linear_schedule",
+    "masked",
+    "multistep_schedule",
+    "scale",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "scale_by_schedule",
+    "sgd",
+    "step_schedule",
+    "trace",
+    "warmup_cosine_decay_schedule",
+]

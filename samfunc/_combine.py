@@ -1,0 +1,103 @@
+"""Combinators: ``chain`` transforms in sequence, apply one to ``masked`` leaves.
+
+Example:
+    >>> import torch
+    >>> import samfunc
+    >>> opt = samfunc.chain(samfunc.clip_by_global_norm(1.0), samfunc.sgd(0.1))
+    >>> params = [torch.zeros(2)]
+    >>> updates, _ = opt.update([torch.tensor([3.0, 4.0])], opt.init(params), params)
+    >>> updates
+    [tensor([-0.0600, -0.0800])]
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from . import _tree
+from ._base import GradientTransformation, OptState, Params, Updates
+from ._tree import Mask
+
+__all__ = ["chain", "masked", "MaskedState"]
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Applies ``transforms`` one after the other; the state is a tuple of theirs.
+
+    Example:
+        >>> import samfunc
+        >>> opt = samfunc.chain(samfunc.trace(0.9), samfunc.scale_by_learning_rate(0.1))
+    """
+    for index, transform in enumerate(transforms):
+        if not isinstance(transform, GradientTransformation):
+            raise TypeError(
+                f"chain takes GradientTransformations; "
+                f"argument {index} is {type(transform).__name__}"
+            )
+
+    def init(params: Params) -> tuple[OptState, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        if len(state) != len(transforms):
+            raise ValueError(
+                f"state has {len(state)} entries but the chain has {len(transforms)} transforms"
+            )
+        new_states = []
+        for transform, inner_state in zip(transforms, state):
+            updates, new_inner = transform.update(updates, inner_state, params)
+            new_states.append(new_inner)
+        return updates, tuple(new_states)
+
+    return GradientTransformation(init, update)
+
+
+class MaskedState(NamedTuple):
+    """State of ``masked``: the inner transform's state over the selected leaves."""
+
+    inner_state: OptState
+
+
+def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
+    """Applies ``inner`` only to the leaves ``mask`` selects; the others pass through.
+
+    This is the functional form of parameter groups: for example, weight decay
+    on weights only. ``inner`` sees (and keeps state for) a flat list of the
+    selected leaves.
+
+    Args:
+        inner: the transform to apply to the selected leaves.
+        mask: a tree of bools with the params' structure, or a predicate
+            ``(path, leaf) -> bool`` on each leaf's dotted key path
+            (``"layer.0.weight"``). It must select the same leaves at every step.
+
+    Example:
+        >>> import torch
+        >>> import samfunc
+        >>> no_bias = lambda path, leaf: not path.endswith("bias")
+        >>> decay = samfunc.masked(samfunc.add_decayed_weights(0.1), no_bias)
+        >>> params = {"weight": torch.ones(1), "bias": torch.ones(1)}
+        >>> grads = {"weight": torch.zeros(1), "bias": torch.zeros(1)}
+        >>> decay.update(grads, decay.init(params), params)[0]
+        {'weight': tensor([0.1000]), 'bias': tensor([0.])}
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(f"inner must be a GradientTransformation, got {type(inner).__name__}")
+
+    def init(params: Params) -> MaskedState:
+        flags = _tree.resolve_mask(mask, params)
+        return MaskedState(inner_state=inner.init(_tree.select(params, flags)))
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        flags = _tree.resolve_mask(mask, updates if params is None else params)
+        selected_params = None if params is None else _tree.select(params, flags)
+        new_selected, new_inner = inner.update(
+            _tree.select(updates, flags), state.inner_state, selected_params
+        )
+        return _tree.merge(updates, new_selected, flags), MaskedState(inner_state=new_inner)
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,206 @@
+"""Schedules: functions from the step count to a value, tensors in and out.
+
+A schedule takes the integer step count as a 0-d tensor (it lives in optimizer
+state) and returns a float32 0-d tensor computed with tensor ops only, so a
+changing count neither breaks a ``torch.compile`` graph nor recompiles it.
+Python ints are accepted too, for convenience.
+
+Example:
+    >>> import torch
+    >>> import samfunc
+    >>> sched = samfunc.cosine_decay_schedule(0.1, decay_steps=100)
+    >>> round(float(sched(torch.tensor(50))), 6)
+    0.05
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ._base import Schedule
+from ._validate import check_nonnegative, check_number, check_positive, check_positive_int
+
+__all__ = [
+    "constant_schedule",
+    "linear_schedule",
+    "cosine_decay_schedule",
+    "step_schedule",
+    "multistep_schedule",
+    "join_schedules",
+    "warmup_cosine_decay_schedule",
+]
+
+
+def _as_float(count: torch.Tensor | int) -> torch.Tensor:
+    return torch.as_tensor(count).to(torch.float32)
+
+
+def constant_schedule(value: float) -> Schedule:
+    """Returns ``value`` at every step.
+
+    Example:
+        >>> float(constant_schedule(0.5)(7))
+        0.5
+    """
+    value = check_number("value", value)
+
+    def schedule(count: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(_as_float(count), value)
+
+    return schedule
+
+
+def linear_schedule(
+    init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0
+) -> Schedule:
+    """Goes linearly from ``init_value`` to ``end_value`` over ``transition_steps``.
+
+    The value is ``init_value`` before ``transition_begin`` and ``end_value``
+    from ``transition_begin + transition_steps`` on.
+
+    Example:
+        >>> float(linear_schedule(0.0, 1.0, transition_steps=4)(1))
+        0.25
+    """
+    init_value = check_number("init_value", init_value)
+    end_value = check_number("end_value", end_value)
+    transition_steps = check_positive_int("transition_steps", transition_steps)
+    if isinstance(transition_begin, bool) or not isinstance(transition_begin, int):
+        raise TypeError(f"transition_begin must be an int, got {transition_begin!r}")
+    if transition_begin < 0:
+        raise ValueError(f"transition_begin must be >= 0, got {transition_begin}")
+
+    def schedule(count: torch.Tensor) -> torch.Tensor:
+        progress = ((_as_float(count) - transition_begin) / transition_steps).clamp(0.0, 1.0)
+        return init_value + (end_value - init_value) * progress
+
+    return schedule
+
+
+def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
+    """Cosine decay from ``init_value`` to ``alpha * init_value`` over ``decay_steps``.
+
+    Equals ``torch.optim.lr_scheduler.CosineAnnealingLR`` with
+    ``T_max=decay_steps`` and ``eta_min=alpha * init_value`` for steps up to
+    ``decay_steps``; it stays at the final value after that.
+
+    Example:
+        >>> round(float(cosine_decay_schedule(1.0, 10, alpha=0.1)(10)), 6)
+        0.1
+    """
+    init_value = check_number("init_value", init_value)
+    decay_steps = check_positive_int("decay_steps", decay_steps)
+    alpha = check_nonnegative("alpha", alpha)
+
+    return _cosine_between(init_value, alpha * init_value, decay_steps)
+
+
+def _cosine_between(start: float, end: float, steps: int) -> Schedule:
+    def schedule(count: torch.Tensor) -> torch.Tensor:
+        progress = _as_float(count).clamp(0.0, steps) / steps
+        return end + (start - end) * 0.5 * (1.0 + torch.cos(math.pi * progress))
+
+    return schedule
+
+
+def step_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
+    """Multiplies by ``gamma`` every ``step_size`` steps (``StepLR``).
+
+    Example:
+        >>> round(float(step_schedule(1.0, step_size=10, gamma=0.5)(25)), 6)
+        0.25
+    """
+    init_value = check_number("init_value", init_value)
+    step_size = check_positive_int("step_size", step_size)
+    gamma = check_positive("gamma", gamma)
+
+    def schedule(count: torch.Tensor) -> torch.Tensor:
+        decays = torch.floor(_as_float(count) / step_size)
+        return init_value * torch.pow(torch.full_like(decays, gamma), decays)
+
+    return schedule
+
+
+def multistep_schedule(
+    init_value: float, milestones: Sequence[int], gamma: float = 0.1
+) -> Schedule:
+    """Multiplies by ``gamma`` at each milestone step (``MultiStepLR``).
+
+    Example:
+        >>> round(float(multistep_schedule(1.0, [2, 5], gamma=0.1)(5)), 6)
+        0.01
+    """
+    init_value = check_number("init_value", init_value)
+    gamma = check_positive("gamma", gamma)
+    milestones = sorted(milestones)
+    for milestone in milestones:
+        if isinstance(milestone, bool) or not isinstance(milestone, int) or milestone < 0:
+            raise ValueError(f"milestones must be ints >= 0, got {list(milestones)}")
+
+    def schedule(count: torch.Tensor) -> torch.Tensor:
+        count_f = _as_float(count)
+        decays = torch.zeros_like(count_f)
+        for milestone in milestones:
+            decays = decays + (count_f >= milestone).to(torch.float32)
+        return init_value * torch.pow(torch.full_like(decays, gamma), decays)
+
+    return schedule
+
+
+def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
+    """Runs ``schedules[i + 1]`` from step ``boundaries[i]`` on, restarting its count.
+
+    Example:
+        >>> warm = linear_schedule(0.0, 1.0, transition_steps=10)
+        >>> flat = constant_schedule(1.0)
+        >>> float(join_schedules([warm, flat], [10])(15))
+        1.0
+    """
+    if len(schedules) != len(boundaries) + 1:
+        raise ValueError(
+            f"join_schedules needs len(schedules) == len(boundaries) + 1, "
+            f"got {len(schedules)} schedules and {len(boundaries)} boundaries"
+        )
+    if list(boundaries) != sorted(boundaries) or any(b < 0 for b in boundaries):
+        raise ValueError(f"boundaries must be non-negative and increasing, got {list(boundaries)}")
+    schedules = list(schedules)
+    boundaries = list(boundaries)
+
+    def schedule(count: torch.Tensor) -> torch.Tensor:
+        count_t = torch.as_tensor(count)
+        value = schedules[0](count_t)
+        for boundary, later in zip(boundaries, schedules[1:]):
+            value = torch.where(count_t >= boundary, later(count_t - boundary), value)
+        return value
+
+    return schedule
+
+
+def warmup_cosine_decay_schedule(
+    init_value: float,
+    peak_value: float,
+    warmup_steps: int,
+    decay_steps: int,
+    end_value: float = 0.0,
+) -> Schedule:
+    """Linear warmup to ``peak_value``, then cosine decay to ``end_value``.
+
+    ``decay_steps`` counts the whole schedule, warmup included (as in optax).
+
+    Example:
+        >>> sched = warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=10, decay_steps=110)
+        >>> float(sched(10))
+        1.0
+    """
+    peak_value = check_number("peak_value", peak_value)
+    end_value = check_number("end_value", end_value)
+    warmup_steps = check_positive_int("warmup_steps", warmup_steps)
+    decay_steps = check_positive_int("decay_steps", decay_steps)
+    if decay_steps <= warmup_steps:
+        raise ValueError(f"decay_steps must be > warmup_steps ({warmup_steps}), got {decay_steps}")
+    warmup = linear_schedule(init_value, peak_value, warmup_steps)
+    decay = _cosine_between(peak_value, end_value, decay_steps - warmup_steps)
+    return join_schedules([warmup, decay], [warmup_steps])

@@ -1,0 +1,302 @@
+"""Small gradient transformations; optimizers are ``chain``s of these.
+
+Each function checks its hyperparameters once and returns a
+``GradientTransformation``. Arithmetic runs on all leaves at once with
+``torch._foreach_*`` ops; nothing is modified in place.
+
+Example:
+    >>> import torch
+    >>> import samfunc
+    >>> clip = samfunc.clip_by_global_norm(1.0)
+    >>> grads = {"w": torch.tensor([3.0, 4.0])}
+    >>> clipped, _ = clip.update(grads, clip.init(grads))
+    >>> clipped["w"]
+    tensor([0.6000, 0.8000])
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _tree
+from ._base import (
+    EmptyState,
+    GradientTransformation,
+    OptState,
+    Params,
+    ScalarOrSchedule,
+    Schedule,
+    Updates,
+)
+from ._validate import check_in_interval, check_nonnegative, check_number, check_positive
+
+__all__ = [
+    "ScaleByScheduleState",
+    "TraceState",
+    "ScaleByAdamState",
+    "identity",
+    "scale",
+    "scale_by_schedule",
+    "scale_by_learning_rate",
+    "trace",
+    "scale_by_adam",
+    "add_decayed_weights",
+    "clip_by_global_norm",
+    "init_count",
+]
+
+#: torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing.
+_CLIP_EPS = 1e-6
+
+
+class ScaleByScheduleState(NamedTuple):
+    """State of ``scale_by_schedule``: the number of updates done so far."""
+
+    step: torch.Tensor
+
+
+class TraceState(NamedTuple):
+    """State of ``trace``: the step count and the momentum buffers."""
+
+    step: torch.Tensor
+    momentum_buffer: Updates
+
+
+class ScaleByAdamState(NamedTuple):
+    """State of ``scale_by_adam``: the step count and both moment estimates."""
+
+    step: torch.Tensor
+    mu: Updates
+    nu: Updates
+
+
+def init_count(params: Params) -> torch.Tensor:
+    """Returns a zero int64 step counter on the device of the first leaf."""
+    first = _tree.leaves(params)
+    device = first[0].device if first else None
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def identity() -> GradientTransformation:
+    """Returns updates unchanged."""
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def scale(step_size: float) -> GradientTransformation:
+    """Multiplies updates by a fixed ``step_size``.
+
+    Example:
+        >>> import torch
+        >>> t = scale(-2.0)
+        >>> t.update([torch.ones(1)], t.init(None))[0]
+        [tensor([-2.])]
+    """
+    step_size = check_number("step_size", step_size)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        return _tree.scale(updates, step_size), state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
+    """Multiplies updates by ``step_size_fn(count)``, then increments the count.
+
+    The count is an int64 0-d tensor in state, so a compiled step that calls
+    this does not recompile as it grows.
+    """
+    if not callable(step_size_fn):
+        raise TypeError(f"step_size_fn must be callable, got {step_size_fn!r}")
+
+    def init(params: Params) -> ScaleByScheduleState:
+        return ScaleByScheduleState(step=init_count(params))
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        step_size = step_size_fn(state.step)
+        return _tree.scale(updates, step_size), ScaleByScheduleState(step=state.step + 1)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_learning_rate(
+    learning_rate: ScalarOrSchedule, *, flip_sign: bool = True
+) -> GradientTransformation:
+    """Multiplies updates by ``-learning_rate`` (a float or a schedule of the count).
+
+    Example:
+        >>> import torch
+        >>> t = scale_by_learning_rate(0.1)
+        >>> t.update([torch.ones(1)], t.init([torch.ones(1)]))[0]
+        [tensor([-0.1000])]
+    """
+    sign = -1.0 if flip_sign else 1.0
+    if callable(learning_rate):
+        schedule = learning_rate
+        return scale_by_schedule(lambda count: sign * schedule(count))
+    return scale(sign * check_nonnegative("learning_rate", learning_rate))
+
+
+def trace(
+    decay: float, *, dampening: float = 0.0, nesterov: bool = False
+) -> GradientTransformation:
+    """Momentum, with PyTorch's conventions (``torch.optim.SGD``).
+
+    ``buf = g`` on the first step and ``buf = decay * buf + (1 - dampening) * g``
+    after; the update is ``buf``, or ``g + decay * buf`` with ``nesterov``.
+
+    Example:
+        >>> import torch
+        >>> t = trace(0.9)
+        >>> state = t.init([torch.zeros(1)])
+        >>> u, state = t.update([torch.ones(1)], state)
+        >>> u, _ = t.update([torch.ones(1)], state)
+        >>> u
+        [tensor([1.9000])]
+    """
+    decay = check_in_interval("momentum", decay, 0.0, 1.0)
+    dampening = check_number("dampening", dampening)
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"dampening must be in [0, 1], got {dampening}")
+    if nesterov and (decay <= 0.0 or dampening != 0.0):
+        raise ValueError(
+            f"nesterov=True needs momentum > 0 and dampening == 0, "
+            f"got momentum={decay} and dampening={dampening}"
+        )
+
+    def init(params: Params) -> TraceState:
+        return TraceState(step=init_count(params), momentum_buffer=_tree.zeros_like(params))
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        grads, spec = _tree.flatten(updates)
+        buffers = _tree.leaves(state.momentum_buffer)
+        if dampening == 0.0:
+            # With a zero initial buffer, decay * 0 + g is exactly g: no branch needed.
+            new_buffers = torch._foreach_add(torch._foreach_mul(buffers, decay), grads)
+        else:
+            later = torch._foreach_add(
+                torch._foreach_mul(buffers, decay), grads, alpha=1.0 - dampening
+            )
+            first = state.step == 0
+            new_buffers = tuple(torch.where(first, g, b) for g, b in zip(grads, later))
+        out = torch._foreach_add(grads, new_buffers, alpha=decay) if nesterov else new_buffers
+        new_state = TraceState(
+            step=state.step + 1, momentum_buffer=_tree.unflatten(new_buffers, spec)
+        )
+        return _tree.unflatten(out, spec), new_state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Adam's bias-corrected rescaling, as in ``torch.optim.Adam``.
+
+    ``mu`` and ``nu`` are exponential moving averages of ``g`` and ``g**2``;
+    the update is ``(mu / (1 - b1**t)) / (sqrt(nu) / sqrt(1 - b2**t) + eps)``.
+    """
+    b1 = check_in_interval("b1", b1, 0.0, 1.0)
+    b2 = check_in_interval("b2", b2, 0.0, 1.0)
+    eps = check_positive("eps", eps)
+
+    def init(params: Params) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            step=init_count(params), mu=_tree.zeros_like(params), nu=_tree.zeros_like(params)
+        )
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        grads, spec = _tree.flatten(updates)
+        new_step = state.step + 1
+        mu = torch._foreach_lerp(_tree.leaves(state.mu), grads, 1.0 - b1)
+        nu = torch._foreach_addcmul(
+            torch._foreach_mul(_tree.leaves(state.nu), b2), grads, grads, value=1.0 - b2
+        )
+        step = new_step.to(torch.float32)
+        bias_correction1 = 1.0 - torch.pow(torch.full_like(step, b1), step)
+        bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(torch.full_like(step, b2), step))
+        denom = torch._foreach_add(
+            torch._foreach_div(torch._foreach_sqrt(nu), bias_correction2_sqrt), eps
+        )
+        out = torch._foreach_div(torch._foreach_div(mu, denom), bias_correction1)
+        new_state = ScaleByAdamState(
+            step=new_step, mu=_tree.unflatten(mu, spec), nu=_tree.unflatten(nu, spec)
+        )
+        return _tree.unflatten(out, spec), new_state
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(weight_decay: float) -> GradientTransformation:
+    """Adds ``weight_decay * params`` to the updates (L2, or decoupled after Adam).
+
+    Use ``samfunc.masked`` to decay only some leaves.
+    """
+    weight_decay = check_nonnegative("weight_decay", weight_decay)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        if weight_decay == 0.0:
+            return updates, state
+        if params is None:
+            raise ValueError(
+                "add_decayed_weights needs params: call update(updates, state, params)"
+            )
+        return _tree.add_scaled(updates, params, weight_decay), state
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Rescales updates so their global L2 norm is at most ``max_norm``.
+
+    Only the magnitude changes, never the direction (every leaf gets the same
+    factor ``min(1, max_norm / (norm + 1e-6))``, as in
+    ``torch.nn.utils.clip_grad_norm_``).
+    """
+    max_norm = check_positive("max_norm", max_norm)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        norm = _tree.global_norm(updates)
+        factor = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
+        return _tree.scale(updates, factor), state
+
+    return GradientTransformation(init, update)

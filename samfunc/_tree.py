@@ -1,0 +1,239 @@
+"""Pytree helpers: the only module in samfunc that walks parameter trees.
+
+A *pytree* here is anything ``torch.utils._pytree`` can flatten: a tensor, or
+dicts, lists, tuples and NamedTuples nesting tensors. The arithmetic helpers
+work on the flat list of leaves with ``torch._foreach_*`` ops, so one call
+handles every leaf at once instead of a Python loop of small kernels.
+
+Example:
+    >>> import torch
+    >>> from samfunc import _tree
+    >>> tree = {"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}
+    >>> float(_tree.global_norm(tree))
+    5.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, Union
+
+import torch
+import torch.utils._pytree as pytree
+
+PyTree = Any
+T = TypeVar("T")
+
+#: A boolean mask over a tree: a tree of bools with the tree's structure, or a
+#: predicate ``(path, leaf) -> bool`` on each leaf's dotted key path.
+Mask = Union[PyTree, Callable[[str, torch.Tensor], bool]]
+
+__all__ = [
+    "PyTree",
+    "Mask",
+    "leaves",
+    "flatten",
+    "unflatten",
+    "tree_map",
+    "key_paths",
+    "check_same_structure",
+    "global_norm",
+    "add_scaled",
+    "scale",
+    "zeros_like",
+    "resolve_mask",
+    "select",
+    "merge",
+]
+
+
+def leaves(tree: PyTree) -> list[Any]:
+    """Returns the leaves of ``tree`` in flattening order."""
+    return pytree.tree_leaves(tree)
+
+
+def flatten(tree: PyTree) -> tuple[list[Any], pytree.TreeSpec]:
+    """Returns ``(leaves, treespec)``; ``unflatten`` inverts it."""
+    return pytree.tree_flatten(tree)
+
+
+def unflatten(leaves_: Sequence[Any], spec: pytree.TreeSpec) -> PyTree:
+    """Builds a tree of structure ``spec`` from ``leaves_``."""
+    return pytree.tree_unflatten(list(leaves_), spec)
+
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Maps ``fn`` over the leaves of ``tree`` and of trees with its structure.
+
+    Example:
+        >>> import torch
+        >>> tree_map(torch.add, [torch.ones(1)], [torch.ones(1)])
+        [tensor([2.])]
+    """
+    return pytree.tree_map(fn, tree, *rest)
+
+
+def _path_entry(entry: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def key_paths(tree: PyTree) -> list[str]:
+    """Returns each leaf's dotted key path, e.g. ``"layers.0.weight"``."""
+    with_path, _ = pytree.tree_flatten_with_path(tree)
+    return [".".join(_path_entry(e) for e in path) for path, _ in with_path]
+
+
+def _node_name(spec: pytree.TreeSpec) -> str:
+    if spec.is_leaf():
+        return "a leaf"
+    return getattr(spec.type, "__name__", str(spec.type))
+
+
+def _spec_difference(a: pytree.TreeSpec, b: pytree.TreeSpec, path: str) -> str | None:
+    """Describes the first node, in flattening order, where two specs differ."""
+    where = path or "<root>"
+    if a.is_leaf() and b.is_leaf():
+        return None
+    if a.type is not b.type or a.is_leaf() != b.is_leaf():
+        return f"at {where}: {_node_name(a)} vs {_node_name(b)}"
+    if isinstance(a.context, list) and a.context != b.context:
+        for key in a.context:
+            if key not in b.context:
+                return f"at {path + '.' if path else ''}{key}: present in only one tree"
+        for key in b.context:
+            if key not in a.context:
+                return f"at {path + '.' if path else ''}{key}: present in only one tree"
+        return f"at {where}: keys in different order"
+    if a.num_children != b.num_children:
+        return f"at {where}: {a.num_children} vs {b.num_children} children"
+    keys = a.context if isinstance(a.context, list) else range(a.num_children)
+    fields = getattr(a.context, "_fields", None)
+    if fields is not None:
+        keys = fields
+    for key, a_child, b_child in zip(keys, a.children(), b.children()):
+        found = _spec_difference(a_child, b_child, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _first_difference(a: PyTree, b: PyTree) -> str | None:
+    """Describes the first key path where the structures of ``a`` and ``b`` differ."""
+    a_spec, b_spec = pytree.tree_structure(a), pytree.tree_structure(b)
+    if a_spec == b_spec:
+        return None
+    return _spec_difference(a_spec, b_spec, "") or "somewhere"
+
+
+def check_same_structure(
+    reference: PyTree, other: PyTree, reference_name: str, other_name: str
+) -> None:
+    """Raises ``ValueError`` naming the first key path where the trees differ.
+
+    Example:
+        >>> import torch
+        >>> check_same_structure({"a": torch.ones(1)}, {"a": torch.ones(1)}, "params", "grads")
+    """
+    where = _first_difference(reference, other)
+    if where is not None:
+        raise ValueError(
+            f"{other_name} must have the same tree structure as {reference_name}; "
+            f"they differ {where}"
+        )
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """Returns the L2 norm of all leaves together, as a float32 0-d tensor.
+
+    The per-leaf norms come from one fused ``torch._foreach_norm`` per device,
+    accumulated in float32 whatever the leaves' dtype; leaves on several
+    devices are reduced on the device of the first leaf.
+
+    Example:
+        >>> import torch
+        >>> float(global_norm([torch.tensor([3.0]), torch.tensor([4.0])]))
+        5.0
+    """
+    tensors = leaves(tree)
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    home = tensors[0].device
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    squares = []
+    for device_tensors in by_device.values():
+        norms = torch._foreach_norm(device_tensors, 2, dtype=torch.float32)
+        squares.append(torch.stack(norms).square().sum().to(home))
+    total = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
+    return total.sqrt()
+
+
+def add_scaled(tree: PyTree, other: PyTree, factor: float | torch.Tensor) -> PyTree:
+    """Returns ``tree + factor * other`` leafwise, out of place.
+
+    ``factor`` may be a Python number or a 0-d tensor (so it can change
+    between calls under ``torch.compile`` without a recompile).
+    """
+    a, spec = flatten(tree)
+    b = leaves(other)
+    if isinstance(factor, torch.Tensor):
+        out = torch._foreach_add(a, torch._foreach_mul(b, factor))
+    else:
+        out = torch._foreach_add(a, b, alpha=factor)
+    return unflatten(out, spec)
+
+
+def scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
+    """Returns ``factor * tree`` leafwise, out of place."""
+    a, spec = flatten(tree)
+    if not a:
+        return tree
+    return unflatten(torch._foreach_mul(a, factor), spec)
+
+
+def zeros_like(tree: PyTree) -> PyTree:
+    """Returns a tree of zeros with the structure, shapes and dtypes of ``tree``."""
+    return tree_map(torch.zeros_like, tree)
+
+
+def resolve_mask(mask: Mask, tree: PyTree, name: str = "mask") -> list[bool]:
+    """Turns a mask into one Python bool per leaf of ``tree``.
+
+    Args:
+        mask: a tree of bools with the structure of ``tree``, or a predicate
+            ``(path, leaf) -> bool`` called with each leaf's dotted key path.
+        tree: the tree the mask selects from.
+        name: the argument's name, for error messages.
+
+    Example:
+        >>> import torch
+        >>> resolve_mask(lambda path, leaf: path != "b", {"w": torch.ones(1), "b": torch.ones(1)})
+        [True, False]
+    """
+    tree_leaves = leaves(tree)
+    if callable(mask) and not isinstance(mask, torch.Tensor):
+        return [bool(mask(path, leaf)) for path, leaf in zip(key_paths(tree), tree_leaves)]
+    check_same_structure(tree, mask, "params", name)
+    flags = leaves(mask)
+    for path, flag in zip(key_paths(mask), flags):
+        if not isinstance(flag, bool):
+            raise TypeError(
+                f"{name} must hold Python bools, got {type(flag).__name__} at {path or '<root>'}"
+            )
+    return list(flags)
+
+
+def select(tree: PyTree, flags: Sequence[bool]) -> list[Any]:
+    """Returns the leaves of ``tree`` whose flag is True, as a flat list."""
+    return [leaf for leaf, keep in zip(leaves(tree), flags) if keep]
+
+
+def merge(tree: PyTree, selected: Sequence[Any], flags: Sequence[bool]) -> PyTree:
+    """Inverse of ``select``: puts ``selected`` back where ``flags`` is True."""
+    tree_leaves, spec = flatten(tree)
+    it = iter(selected)
+    return unflatten([next(it) if keep else leaf for leaf, keep in zip(tree_leaves, flags)], spec)
