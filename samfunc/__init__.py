@@ -28,11 +28,13 @@ from ._schedule import linear_schedule as linear_schedule
 from ._schedule import multistep_schedule as multistep_schedule
 from ._schedule import step_schedule as step_schedule
 from ._schedule import warmup_cosine_decay_schedule as warmup_cosine_decay_schedule
+from ._transform import DecoupledWeightDecayState as DecoupledWeightDecayState
 from ._transform import ScaleByAdamState as ScaleByAdamState
 from ._transform import ScaleByScheduleState as ScaleByScheduleState
 from ._transform import TraceState as TraceState
 from ._transform import add_decayed_weights as add_decayed_weights
 from ._transform import clip_by_global_norm as clip_by_global_norm
+from ._transform import decoupled_weight_decay as decoupled_weight_decay
 from ._transform import identity as identity
 from ._transform import scale as scale
 from ._transform import scale_by_adam as scale_by_adam
@@ -62,6 +64,8 @@ __all__ = [
     "clip_by_global_norm",
     "constant_schedule",
     "cosine_decay_schedule",
+    "decoupled_weight_decay",
+    "DecoupledWeightDecayState",
     "global_norm",
     "identity",
     "join_schedules",

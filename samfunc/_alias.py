@@ -14,6 +14,7 @@ from ._base import GradientTransformation, ScalarOrSchedule
 from ._combine import chain
 from ._transform import (
     add_decayed_weights,
+    decoupled_weight_decay,
     scale_by_adam,
     scale_by_learning_rate,
     trace,
@@ -95,7 +96,7 @@ def adamw(
     """AdamW, step for step equal to ``torch.optim.AdamW`` (decoupled weight decay).
 
     The decay is scaled by the learning rate, as in PyTorch:
-    ``w <- w - lr * (adam_update + weight_decay * w)``.
+    ``w <- w * (1 - lr * weight_decay) - lr * adam_update``.
 
     Example:
         >>> opt = adamw(1e-3, weight_decay=0.05)
@@ -103,6 +104,6 @@ def adamw(
     _check_learning_rate(learning_rate)
     return chain(
         scale_by_adam(b1, b2, eps),
-        add_decayed_weights(weight_decay),
         scale_by_learning_rate(learning_rate),
+        decoupled_weight_decay(learning_rate, weight_decay),
     )

@@ -94,6 +94,8 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         flags = _tree.resolve_mask(mask, updates if params is None else params)
+        if not any(flags):
+            return updates, state
         selected_params = None if params is None else _tree.select(params, flags)
         new_selected, new_inner = inner.update(
             _tree.select(updates, flags), state.inner_state, selected_params

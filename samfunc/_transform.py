@@ -44,6 +44,8 @@ __all__ = [
     "scale_by_adam",
     "add_decayed_weights",
     "clip_by_global_norm",
+    "decoupled_weight_decay",
+    "DecoupledWeightDecayState",
     "init_count",
 ]
 
@@ -77,6 +79,11 @@ def init_count(params: Params) -> torch.Tensor:
     first = _tree.leaves(params)
     device = first[0].device if first else None
     return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _scalar_dtype(device: torch.device) -> torch.dtype:
+    """The most precise float dtype for per-step scalars on ``device``."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def identity() -> GradientTransformation:
@@ -238,7 +245,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         nu = torch._foreach_addcmul(
             torch._foreach_mul(_tree.leaves(state.nu), b2), grads, grads, value=1.0 - b2
         )
-        step = new_step.to(torch.float32)
+        # Bias corrections in float64 where the device has it: 1 - 0.999**t loses
+        # four digits in float32, and torch.optim.Adam computes it in Python floats.
+        step = new_step.to(_scalar_dtype(new_step.device))
         bias_correction1 = 1.0 - torch.pow(torch.full_like(step, b1), step)
         bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(torch.full_like(step, b2), step))
         denom = torch._foreach_add(
@@ -274,6 +283,59 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
                 "add_decayed_weights needs params: call update(updates, state, params)"
             )
         return _tree.add_scaled(updates, params, weight_decay), state
+
+    return GradientTransformation(init, update)
+
+
+class DecoupledWeightDecayState(NamedTuple):
+    """State of ``decoupled_weight_decay``: the step count, for a schedule."""
+
+    step: torch.Tensor
+
+
+def decoupled_weight_decay(
+    learning_rate: ScalarOrSchedule, weight_decay: float
+) -> GradientTransformation:
+    """AdamW's decay: adds ``params * (1 - lr * weight_decay) - params`` to the updates.
+
+    This is ``-lr * weight_decay * params`` written the way ``torch.optim.AdamW``
+    rounds it: the factor ``1 - lr * weight_decay`` is rounded to the
+    parameters' dtype first. Since that factor is near 1,
+    ``params * factor - params`` is exact, and ``apply_updates`` then lands on
+    the same numbers as PyTorch's ``param.mul_(1 - lr * weight_decay)``.
+
+    Example:
+        >>> import torch
+        >>> t = decoupled_weight_decay(0.1, weight_decay=0.5)
+        >>> params = [torch.ones(1)]
+        >>> t.update([torch.zeros(1)], t.init(params), params)[0]
+        [tensor([-0.0500])]
+    """
+    weight_decay = check_nonnegative("weight_decay", weight_decay)
+    if not callable(learning_rate):
+        check_nonnegative("learning_rate", learning_rate)
+
+    def init(params: Params) -> DecoupledWeightDecayState:
+        return DecoupledWeightDecayState(step=init_count(params))
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        new_state = DecoupledWeightDecayState(step=state.step + 1)
+        if weight_decay == 0.0:
+            return updates, new_state
+        if params is None:
+            raise ValueError(
+                "decoupled_weight_decay needs params: call update(updates, state, params)"
+            )
+        if callable(learning_rate):
+            factor: float | torch.Tensor = 1.0 - learning_rate(state.step) * weight_decay
+        else:
+            factor = 1.0 - learning_rate * weight_decay
+        param_leaves = _tree.leaves(params)
+        decayed = torch._foreach_sub(torch._foreach_mul(param_leaves, factor), param_leaves)
+        out, spec = _tree.flatten(updates)
+        return _tree.unflatten(torch._foreach_add(out, decayed), spec), new_state
 
     return GradientTransformation(init, update)
 

@@ -92,7 +92,9 @@ def _node_name(spec: pytree.TreeSpec) -> str:
     return getattr(spec.type, "__name__", str(spec.type))
 
 
-def _spec_difference(a: pytree.TreeSpec, b: pytree.TreeSpec, path: str) -> str | None:
+def _spec_difference(
+    a: pytree.TreeSpec, b: pytree.TreeSpec, path: str, names: tuple[str, str]
+) -> str | None:
     """Describes the first node, in flattening order, where two specs differ."""
     where = path or "<root>"
     if a.is_leaf() and b.is_leaf():
@@ -100,12 +102,13 @@ def _spec_difference(a: pytree.TreeSpec, b: pytree.TreeSpec, path: str) -> str |
     if a.type is not b.type or a.is_leaf() != b.is_leaf():
         return f"at {where}: {_node_name(a)} vs {_node_name(b)}"
     if isinstance(a.context, list) and a.context != b.context:
+        prefix = f"{path}." if path else ""
         for key in a.context:
             if key not in b.context:
-                return f"at {path + '.' if path else ''}{key}: present in only one tree"
+                return f"at {prefix}{key}: in {names[0]} but not in {names[1]}"
         for key in b.context:
             if key not in a.context:
-                return f"at {path + '.' if path else ''}{key}: present in only one tree"
+                return f"at {prefix}{key}: in {names[1]} but not in {names[0]}"
         return f"at {where}: keys in different order"
     if a.num_children != b.num_children:
         return f"at {where}: {a.num_children} vs {b.num_children} children"
@@ -114,18 +117,19 @@ def _spec_difference(a: pytree.TreeSpec, b: pytree.TreeSpec, path: str) -> str |
     if fields is not None:
         keys = fields
     for key, a_child, b_child in zip(keys, a.children(), b.children()):
-        found = _spec_difference(a_child, b_child, f"{path}.{key}" if path else str(key))
+        child_path = f"{path}.{key}" if path else str(key)
+        found = _spec_difference(a_child, b_child, child_path, names)
         if found is not None:
             return found
     return None
 
 
-def _first_difference(a: PyTree, b: PyTree) -> str | None:
+def _first_difference(a: PyTree, b: PyTree, names: tuple[str, str]) -> str | None:
     """Describes the first key path where the structures of ``a`` and ``b`` differ."""
     a_spec, b_spec = pytree.tree_structure(a), pytree.tree_structure(b)
     if a_spec == b_spec:
         return None
-    return _spec_difference(a_spec, b_spec, "") or "somewhere"
+    return _spec_difference(a_spec, b_spec, "", names) or "somewhere"
 
 
 def check_same_structure(
@@ -137,7 +141,7 @@ def check_same_structure(
         >>> import torch
         >>> check_same_structure({"a": torch.ones(1)}, {"a": torch.ones(1)}, "params", "grads")
     """
-    where = _first_difference(reference, other)
+    where = _first_difference(reference, other, (reference_name, other_name))
     if where is not None:
         raise ValueError(
             f"{other_name} must have the same tree structure as {reference_name}; "

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from samfunc import _tree
+
+from .strategies import Pair, pytrees
+
+
+def reference_norm(tree: Any) -> float:
+    leaves = [t.double().reshape(-1) for t in _tree.leaves(tree)]
+    return torch.linalg.vector_norm(torch.cat(leaves)).item()
+
+
+@given(tree=pytrees())
+def test_global_norm_equals_norm_of_concatenation(tree: Any) -> None:
+    norm = _tree.global_norm(tree)
+    assert norm.dtype == torch.float32 and norm.ndim == 0
+    assert norm.item() == pytest.approx(reference_norm(tree), rel=1e-6, abs=1e-7)
+
+
+@given(tree=pytrees(dtype=torch.bfloat16))
+def test_global_norm_accumulates_low_precision_in_float32(tree: Any) -> None:
+    norm = _tree.global_norm(tree)
+    assert norm.dtype == torch.float32
+    assert norm.item() == pytest.approx(reference_norm(tree), rel=1e-5, abs=1e-6)
+
+
+def test_global_norm_of_many_small_leaves_does_not_lose_precision() -> None:
+    tree = [torch.full((1000,), 1e-3, dtype=torch.float16) for _ in range(100)]
+    assert _tree.global_norm(tree).item() == pytest.approx(reference_norm(tree), rel=1e-3)
+
+
+@given(tree=pytrees(), factor=st.floats(-3, 3))
+def test_add_scaled_and_scale_match_leafwise_arithmetic(tree: Any, factor: float) -> None:
+    other = _tree.tree_map(torch.ones_like, tree)
+    for got, a in zip(_tree.leaves(_tree.add_scaled(tree, other, factor)), _tree.leaves(tree)):
+        torch.testing.assert_close(got, a + factor)
+    tensor_factor = torch.tensor(factor)
+    for got, a in zip(
+        _tree.leaves(_tree.add_scaled(tree, other, tensor_factor)), _tree.leaves(tree)
+    ):
+        torch.testing.assert_close(got, a + factor)
+    for got, a in zip(_tree.leaves(_tree.scale(tree, factor)), _tree.leaves(tree)):
+        torch.testing.assert_close(got, a * factor)
+
+
+@given(tree=pytrees())
+def test_zeros_like_keeps_structure_shapes_and_dtypes(tree: Any) -> None:
+    zeros = _tree.zeros_like(tree)
+    _tree.check_same_structure(tree, zeros, "tree", "zeros")
+    for z, t in zip(_tree.leaves(zeros), _tree.leaves(tree)):
+        assert z.shape == t.shape and z.dtype == t.dtype and not z.any()
+
+
+@pytest.mark.parametrize(
+    ("other", "where"),
+    [
+        ({"a": torch.ones(1), "c": [torch.ones(1)]}, "at b: in params but not in grads"),
+        ({"a": torch.ones(1), "b": [torch.ones(1), torch.ones(1)]}, "at b: 1 vs 2 children"),
+        ({"a": torch.ones(1), "b": (torch.ones(1),)}, "at b: list vs tuple"),
+        ({"a": [torch.ones(1)], "b": [torch.ones(1)]}, "at a: a leaf vs list"),
+    ],
+)
+def test_structure_mismatch_names_the_first_differing_key_path(other: Any, where: str) -> None:
+    params = {"a": torch.ones(1), "b": [torch.ones(1)]}
+    with pytest.raises(
+        ValueError, match="grads must have the same tree structure as params"
+    ) as info:
+        _tree.check_same_structure(params, other, "params", "grads")
+    assert where in str(info.value)
+
+
+def test_namedtuple_paths_use_field_names() -> None:
+    tree = {"x": Pair(torch.ones(1), [torch.ones(1)])}
+    assert _tree.key_paths(tree) == ["x.first", "x.second.0"]
+    other = {"x": Pair(torch.ones(1), [torch.ones(1), torch.ones(1)])}
+    with pytest.raises(ValueError, match=r"at x\.second: 1 vs 2 children"):
+        _tree.check_same_structure(tree, other, "params", "grads")
+
+
+@given(tree=pytrees(), data=st.data())
+def test_select_then_merge_is_identity(tree: Any, data: st.DataObject) -> None:
+    n = len(_tree.leaves(tree))
+    flags = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    selected = _tree.select(tree, flags)
+    assert len(selected) == sum(flags)
+    merged = _tree.merge(tree, selected, flags)
+    for a, b in zip(_tree.leaves(merged), _tree.leaves(tree)):
+        assert a is b
+
+
+def test_resolve_mask_accepts_predicates_and_bool_trees() -> None:
+    params = {"fc.weight": torch.ones(2), "fc.bias": torch.ones(1)}
+    assert _tree.resolve_mask(
+        lambda path, leaf: leaf.ndim > 0 and path.endswith("weight"), params
+    ) == [
+        True,
+        False,
+    ]
+    assert _tree.resolve_mask({"fc.weight": False, "fc.bias": True}, params) == [False, True]
+    with pytest.raises(ValueError, match="mask must have the same tree structure"):
+        _tree.resolve_mask({"fc.weight": True}, params)
+    with pytest.raises(TypeError, match=r"mask must hold Python bools, got Tensor at fc\.bias"):
+        _tree.resolve_mask({"fc.weight": True, "fc.bias": torch.tensor(True)}, params)
