@@ -21,6 +21,10 @@ from ._base import TransformUpdateFn as TransformUpdateFn
 from ._combine import MaskedState as MaskedState
 from ._combine import chain as chain
 from ._combine import masked as masked
+from ._sam import perturbation as perturbation
+from ._sam import perturbed_params as perturbed_params
+from ._sam import sam_grad as sam_grad
+from ._sam import sam_grad_and_value as sam_grad_and_value
 from ._schedule import constant_schedule as constant_schedule
 from ._schedule import cosine_decay_schedule as cosine_decay_schedule
 from ._schedule import join_schedules as join_schedules
@@ -72,6 +76,10 @@ __all__ = [
     "linear_schedule",
     "masked",
     "multistep_schedule",
+    "perturbation",
+    "perturbed_params",
+    "sam_grad",
+    "sam_grad_and_value",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",

@@ -38,6 +38,8 @@ __all__ = [
     "key_paths",
     "check_same_structure",
     "global_norm",
+    "mul_leaves",
+    "add_leaves",
     "add_scaled",
     "scale",
     "zeros_like",
@@ -149,12 +151,18 @@ def check_same_structure(
         )
 
 
-def global_norm(tree: PyTree) -> torch.Tensor:
-    """Returns the L2 norm of all leaves together, as a float32 0-d tensor.
+def global_norm(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
+    """Returns the L2 norm of all leaves together, as a 0-d tensor.
 
-    The per-leaf norms come from one fused ``torch._foreach_norm`` per device,
-    accumulated in float32 whatever the leaves' dtype; leaves on several
-    devices are reduced on the device of the first leaf.
+    The per-leaf norms come from one fused ``torch._foreach_norm`` per device.
+    They are accumulated in float32 whatever the leaves' dtype (float64 when
+    a leaf is float64), and leaves on several devices are reduced on the
+    device of the first leaf.
+
+    Args:
+        tree: a pytree of tensors.
+        fused: use ``torch._foreach_norm``; pass False under ``torch.func.vmap``,
+            which has no batching rule for foreach ops.
 
     Example:
         >>> import torch
@@ -164,16 +172,38 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     tensors = leaves(tree)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     home = tensors[0].device
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
     squares = []
     for device_tensors in by_device.values():
-        norms = torch._foreach_norm(device_tensors, 2, dtype=torch.float32)
+        if fused:
+            norms = torch._foreach_norm(device_tensors, 2, dtype=dtype)
+        else:
+            norms = tuple(torch.linalg.vector_norm(t, dtype=dtype) for t in device_tensors)
         squares.append(torch.stack(norms).square().sum().to(home))
     total = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
     return total.sqrt()
+
+
+def mul_leaves(
+    tensors: Sequence[torch.Tensor], factor: float | torch.Tensor, *, fused: bool = True
+) -> list[torch.Tensor]:
+    """``[factor * t for t in tensors]``, fused unless ``fused=False`` (vmap)."""
+    if fused:
+        return list(torch._foreach_mul(list(tensors), factor))
+    return [t * factor for t in tensors]
+
+
+def add_leaves(
+    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, fused: bool = True
+) -> list[torch.Tensor]:
+    """``[x + y for x, y in zip(a, b)]``, fused unless ``fused=False`` (vmap)."""
+    if fused:
+        return list(torch._foreach_add(list(a), list(b)))
+    return [x + y for x, y in zip(a, b)]
 
 
 def add_scaled(tree: PyTree, other: PyTree, factor: float | torch.Tensor) -> PyTree:

@@ -22,6 +22,9 @@ def test_global_norm_equals_norm_of_concatenation(tree: Any) -> None:
     norm = _tree.global_norm(tree)
     assert norm.dtype == torch.float32 and norm.ndim == 0
     assert norm.item() == pytest.approx(reference_norm(tree), rel=1e-6, abs=1e-7)
+    norm64 = _tree.global_norm(_tree.tree_map(torch.Tensor.double, tree))
+    assert norm64.dtype == torch.float64
+    assert norm64.item() == pytest.approx(reference_norm(tree), rel=1e-12, abs=1e-15)
 
 
 @given(tree=pytrees(dtype=torch.bfloat16))

@@ -1,0 +1,628 @@
+"""The sharpness-aware gradient, as pure functions built on ``torch.func``.
+
+SAM (Foret et al., 2021) evaluates the gradient at the worst point of a small
+ball around the weights::
+
+    g   = grad L(w)
+    e   = rho * g / (||g||_2 + 1e-12)        one global L2 norm over every leaf
+    g_s = grad L(w + e)                      the SAM gradient, used to update w
+
+Adaptive SAM (ASAM, Kwon et al., 2021) rescales the ball by ``T = |w| + eta``:
+``e = rho * T**2 g / (||T g||_2 + 1e-12)``.
+
+``perturbation`` is the one place in samfunc where ``e`` is computed; the
+functional API, the ``SAM`` optimizer class and the variants all call it.
+
+Example:
+    >>> import torch
+    >>> import samfunc
+    >>> def loss_fn(params, batch):
+    ...     x, y = batch
+    ...     return ((x @ params["w"] - y) ** 2).mean()
+    >>> params = {"w": torch.zeros(3)}
+    >>> batch = (torch.eye(3), torch.ones(3))
+    >>> grads, loss = samfunc.sam_grad(loss_fn, params, batch, rho=0.05)
+    >>> float(loss)
+    1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Union, overload
+
+import torch
+from torch.func import grad_and_value, vmap
+
+from . import _tree
+from ._base import Params
+from ._tree import Mask, PyTree
+from ._validate import check_nonnegative, check_positive_int, check_rho
+
+__all__ = [
+    "NORMS",
+    "Norm",
+    "perturbation",
+    "perturbed_params",
+    "sam_grad",
+    "sam_grad_and_value",
+]
+
+#: Added to the gradient norm before dividing, as in the paper's code.
+NORM_EPS = 1e-12
+
+Norm = Literal["l2", "none", "inf"]
+NORMS: tuple[Norm, ...] = ("l2", "none", "inf")
+
+Rho = Union[float, torch.Tensor]
+Batch = PyTree
+LossFn = Callable[..., Any]
+
+
+def _check_norm(norm: Any) -> Norm:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    result: Norm = norm
+    return result
+
+
+def _flags(mask: Mask | None, params: Params, name: str) -> list[bool]:
+    """One bool per leaf: all True for ``None``, else the resolved mask."""
+    if mask is None:
+        return [True] * len(_tree.leaves(params))
+    flags = _tree.resolve_mask(mask, params, name)
+    if not any(flags):
+        raise ValueError(f"{name} selects no leaf of params, so nothing would be perturbed")
+    return flags
+
+
+def _adaptive_flags(adaptive: bool | Mask, params: Params) -> list[bool]:
+    if isinstance(adaptive, bool):
+        return [adaptive] * len(_tree.leaves(params))
+    return _tree.resolve_mask(adaptive, params, "adaptive")
+
+
+def _scale_leaves(
+    leaves: Sequence[torch.Tensor], factor: Rho | torch.Tensor, fused: bool
+) -> list[torch.Tensor]:
+    """``factor * leaf`` for each leaf; 16-bit leaves are scaled in float32.
+
+    ``rho / ||g||`` can exceed float16's range when the gradient is tiny, so
+    half-precision leaves are upcast for the product and cast back.
+    """
+    wide = [leaf.float() if leaf.element_size() < 4 else leaf for leaf in leaves]
+    scaled = _tree.mul_leaves(wide, factor, fused=fused)
+    return [s.to(leaf.dtype) for s, leaf in zip(scaled, leaves)]
+
+
+def _perturbation_leaves(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    rho: Rho,
+    adaptive: Sequence[bool],
+    eta: float,
+    norm: Norm,
+    fused: bool = True,
+) -> list[torch.Tensor]:
+    """``e`` for matching lists of parameter and gradient leaves (the one formula)."""
+    if not params:
+        return []
+    # ASAM's T = |w| + eta on adaptive leaves; T = 1 (no tensor) elsewhere.
+    scales: list[torch.Tensor | None] = [
+        p.abs() + eta if is_adaptive else None for p, is_adaptive in zip(params, adaptive)
+    ]
+    scaled_grads = [g if t is None else t * g for g, t in zip(grads, scales)]
+    if norm == "inf":
+        signs = torch._foreach_sign(list(grads)) if fused else [g.sign() for g in grads]
+        directions = [s if t is None else t * s for s, t in zip(signs, scales)]
+        return _scale_leaves(directions, rho, fused)
+    directions = [tg if t is None else t * tg for tg, t in zip(scaled_grads, scales)]
+    if norm == "none":
+        return _scale_leaves(directions, rho, fused)
+    factor = rho / (_tree.global_norm(scaled_grads, fused=fused) + NORM_EPS)
+    return _scale_leaves(directions, factor, fused)
+
+
+def perturbation(
+    params: Params,
+    grads: PyTree,
+    rho: Rho = 0.05,
+    *,
+    adaptive: bool | Mask = False,
+    eta: float = 0.0,
+    norm: Norm = "l2",
+    mask: Mask | None = None,
+) -> PyTree:
+    """Returns SAM's ascent step ``e`` (a tree like ``params``); mutates nothing.
+
+    Args:
+        params: the weights ``w``, a pytree of floating-point tensors.
+        grads: ``grad L(w)``, with the structure of ``params``.
+        rho: the radius, a float or a 0-d tensor (a tensor can change between
+            calls under ``torch.compile`` without a recompile).
+        adaptive: ASAM. ``True`` rescales every leaf by ``T = |w| + eta``; a mask
+            (tree of bools or predicate ``(path, leaf) -> bool``) rescales only
+            the leaves it selects, the others use ``T = 1``.
+        eta: ASAM's offset in ``T = |w| + eta``.
+        norm: ``"l2"`` (SAM: ``rho * T^2 g / ||T g||``), ``"none"``
+            (unnormalized: ``rho * T^2 g``) or ``"inf"`` (``rho * T sign(g)``).
+        mask: which leaves to perturb (the others get ``e = 0`` and are left out
+            of the norm); a tree of bools or a predicate on key paths.
+
+    Returns:
+        ``e``. For ``norm="l2"``, ``||e / T||_2 = rho`` unless ``g`` is zero, in
+        which case ``e`` is zero.
+
+    Example:
+        >>> import torch
+        >>> e = perturbation({"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([3.0, 4.0])}, 0.5)
+        >>> e["w"]
+        tensor([0.3000, 0.4000])
+    """
+    rho = check_rho(rho)
+    eta = check_nonnegative("eta", eta)
+    norm = _check_norm(norm)
+    _tree.check_same_structure(params, grads, "params", "grads")
+    flags = _flags(mask, params, "mask")
+    adaptive_flags = _tree.select(_adaptive_flags(adaptive, params), flags)
+    e_selected = _perturbation_leaves(
+        _tree.select(params, flags), _tree.select(grads, flags), rho, adaptive_flags, eta, norm
+    )
+    zeros = [torch.zeros_like(p) for p in _tree.leaves(params)]
+    return _tree.merge(_tree.unflatten(zeros, _tree.flatten(params)[1]), e_selected, flags)
+
+
+def perturbed_params(
+    params: Params,
+    grads: PyTree,
+    rho: Rho = 0.05,
+    *,
+    adaptive: bool | Mask = False,
+    eta: float = 0.0,
+    norm: Norm = "l2",
+    mask: Mask | None = None,
+) -> Params:
+    """Returns ``params + perturbation(params, grads, ...)``, new tensors only.
+
+    Leaves the mask leaves out are returned as the very same tensor objects.
+
+    Example:
+        >>> import torch
+        >>> w = {"w": torch.tensor([3.0, 4.0])}
+        >>> perturbed_params(w, w, 5.0)["w"]
+        tensor([6., 8.])
+    """
+    rho = check_rho(rho)
+    eta = check_nonnegative("eta", eta)
+    norm = _check_norm(norm)
+    _tree.check_same_structure(params, grads, "params", "grads")
+    flags = _flags(mask, params, "mask")
+    return _perturb(params, grads, rho, _adaptive_flags(adaptive, params), eta, norm, flags)
+
+
+def _perturb(
+    params: Params,
+    grads: PyTree,
+    rho: Rho,
+    adaptive_flags: list[bool],
+    eta: float,
+    norm: Norm,
+    flags: list[bool],
+    fused: bool = True,
+) -> Params:
+    selected = _tree.select(params, flags)
+    if not selected:
+        return params
+    e = _perturbation_leaves(
+        selected,
+        _tree.select(grads, flags),
+        rho,
+        _tree.select(adaptive_flags, flags),
+        eta,
+        norm,
+        fused,
+    )
+    return _tree.merge(params, _tree.add_leaves(selected, e, fused=fused), flags)
+
+
+def _check_params(params: Params) -> None:
+    leaves = _tree.leaves(params)
+    if not leaves:
+        raise ValueError("params must hold at least one tensor, got an empty tree")
+    for path, leaf in zip(_tree.key_paths(params), leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"params must be a pytree of tensors, "
+                f"got {type(leaf).__name__} at {path or '<root>'}"
+            )
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"params must hold floating-point tensors, got {leaf.dtype} at {path or '<root>'}"
+            )
+
+
+def _scalar_loss(loss_fn: LossFn, has_aux: bool) -> LossFn:
+    """Wraps ``loss_fn`` to check that the loss it returns is a scalar tensor."""
+
+    def checked(params: Params, batch: Batch) -> Any:
+        out = loss_fn(params, batch)
+        if has_aux:
+            if not isinstance(out, tuple) or len(out) != 2:
+                raise ValueError(
+                    "with has_aux=True, loss_fn must return a (loss, aux) pair, "
+                    f"got {type(out).__name__}"
+                )
+            loss = out[0]
+        else:
+            loss = out
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            hint = "" if has_aux else " (pass has_aux=True if it returns (loss, aux))"
+            raise ValueError(f"loss_fn must return a scalar (0-d) tensor loss, got {shape}{hint}")
+        return out
+
+    return checked
+
+
+def _split_batch(batch: Batch, parts: int, name: str) -> list[Batch]:
+    """Splits every tensor leaf of ``batch`` along dim 0 into ``parts`` equal pieces."""
+    leaves, spec = _tree.flatten(batch)
+    sizes = {leaf.shape[0] for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.ndim}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"{name}={parts} splits the batch along dim 0, so every tensor in batch needs the "
+            f"same leading size; got sizes {sorted(sizes)}"
+        )
+    (size,) = sizes
+    if size % parts:
+        raise ValueError(f"{name}={parts} must divide the batch size {size}")
+    step = size // parts
+    return [
+        _tree.unflatten(
+            [
+                leaf[i * step : (i + 1) * step]
+                if isinstance(leaf, torch.Tensor) and leaf.ndim
+                else leaf
+                for leaf in leaves
+            ],
+            spec,
+        )
+        for i in range(parts)
+    ]
+
+
+def _stack_chunks(batch: Batch, parts: int, name: str) -> tuple[Batch, PyTree]:
+    """Reshapes tensor leaves to ``(parts, size // parts, ...)``; returns in_dims too."""
+    chunks = _split_batch(batch, parts, name)
+    leaves, spec = _tree.flatten(batch)
+    chunk_leaves = [_tree.leaves(chunk) for chunk in chunks]
+    stacked: list[Any] = []
+    in_dims: list[int | None] = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.ndim:
+            stacked.append(leaf.reshape(parts, leaf.shape[0] // parts, *leaf.shape[1:]))
+            in_dims.append(0)
+        else:
+            stacked.append(chunk_leaves[0][i])
+            in_dims.append(None)
+    return _tree.unflatten(stacked, spec), _tree.unflatten(in_dims, spec)
+
+
+def _stack_aux(auxes: Sequence[PyTree]) -> PyTree:
+    return _tree.tree_map(lambda *xs: torch.stack(xs), *auxes)
+
+
+class _Options:
+    """Validated SAM options, shared by every entry point."""
+
+    def __init__(
+        self,
+        rho: Rho,
+        adaptive: bool | Mask,
+        eta: float,
+        norm: Norm,
+        mask: Mask | None,
+        num_chunks: int,
+        accum_steps: int,
+    ) -> None:
+        self.rho = check_rho(rho)
+        self.eta = check_nonnegative("eta", eta)
+        self.norm = _check_norm(norm)
+        self.adaptive = adaptive
+        self.mask = mask
+        self.num_chunks = check_positive_int("num_chunks", num_chunks)
+        self.accum_steps = check_positive_int("accum_steps", accum_steps)
+        if self.num_chunks > 1 and self.accum_steps > 1:
+            raise ValueError(
+                "num_chunks and accum_steps cannot both be > 1, "
+                f"got num_chunks={num_chunks} and accum_steps={accum_steps}"
+            )
+
+    def perturb(self, params: Params, grads: PyTree, rho: Rho, fused: bool = True) -> Params:
+        flags = _flags(self.mask, params, "mask")
+        adaptive_flags = _adaptive_flags(self.adaptive, params)
+        return _perturb(params, grads, rho, adaptive_flags, self.eta, self.norm, flags, fused)
+
+
+def _sam_single(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    options: _Options,
+    rho: Rho,
+    has_aux: bool,
+    fused: bool = True,
+) -> tuple[PyTree, Any]:
+    """Both passes on one batch: ``(grad L(w + e), value at w)``."""
+    grads, value = grad_and_value(loss_fn, has_aux=has_aux)(params, batch)
+    perturbed = options.perturb(params, grads, rho, fused)
+    sam_grads, _ = grad_and_value(loss_fn, has_aux=has_aux)(perturbed, batch)
+    return sam_grads, value
+
+
+def _sam_chunked(
+    loss_fn: LossFn, params: Params, batch: Batch, options: _Options, rho: Rho, has_aux: bool
+) -> tuple[PyTree, Any]:
+    """m-sharpness: one ``e`` per chunk of the batch, vmapped, then averaged."""
+    stacked, in_dims = _stack_chunks(batch, options.num_chunks, "num_chunks")
+
+    def one_chunk(chunk: Batch) -> tuple[PyTree, Any]:
+        # foreach ops have no vmap batching rule: per-leaf ops inside vmap.
+        return _sam_single(loss_fn, params, chunk, options, rho, has_aux, fused=False)
+
+    grads, value = vmap(one_chunk, in_dims=(in_dims,), randomness="different")(stacked)
+    grads = _tree.tree_map(lambda g: g.mean(0), grads)
+    if has_aux:
+        return grads, (value[0].mean(0), value[1])
+    return grads, value.mean(0)
+
+
+def _sam_accumulated(
+    loss_fn: LossFn, params: Params, batch: Batch, options: _Options, rho: Rho, has_aux: bool
+) -> tuple[PyTree, Any]:
+    """Both gradients accumulated over micro-batches, one micro-batch alive at a time."""
+    micro_batches = _split_batch(batch, options.accum_steps, "accum_steps")
+    grad_fn = grad_and_value(loss_fn, has_aux=has_aux)
+    grads, values = _accumulate(grad_fn, params, micro_batches)
+    perturbed = options.perturb(params, grads, rho)
+    sam_grads, _ = _accumulate(grad_fn, perturbed, micro_batches)
+    if has_aux:
+        loss = torch.stack([v[0] for v in values]).mean()
+        return sam_grads, (loss, _stack_aux([v[1] for v in values]))
+    return sam_grads, torch.stack(values).mean()
+
+
+def _accumulate(
+    grad_fn: Callable[..., tuple[PyTree, Any]], params: Params, micro_batches: Sequence[Batch]
+) -> tuple[PyTree, list[Any]]:
+    """Mean gradient over micro-batches, summed as it goes; also each value."""
+    total, values = None, []
+    for micro_batch in micro_batches:
+        grads, value = grad_fn(params, micro_batch)
+        values.append(value)
+        leaves, spec = _tree.flatten(grads)
+        total = leaves if total is None else list(torch._foreach_add(total, leaves))
+    assert total is not None
+    mean = torch._foreach_div(total, float(len(micro_batches)))
+    return _tree.unflatten(mean, spec), values
+
+
+@overload
+def sam_grad_and_value(
+    loss_fn: LossFn,
+    *,
+    rho: Rho = ...,
+    adaptive: bool | Mask = ...,
+    eta: float = ...,
+    norm: Norm = ...,
+    mask: Mask | None = ...,
+    has_aux: Literal[False] = ...,
+    num_chunks: int = ...,
+    accum_steps: int = ...,
+) -> Callable[..., tuple[PyTree, torch.Tensor]]: ...
+
+
+@overload
+def sam_grad_and_value(
+    loss_fn: LossFn,
+    *,
+    rho: Rho = ...,
+    adaptive: bool | Mask = ...,
+    eta: float = ...,
+    norm: Norm = ...,
+    mask: Mask | None = ...,
+    has_aux: Literal[True],
+    num_chunks: int = ...,
+    accum_steps: int = ...,
+) -> Callable[..., tuple[PyTree, tuple[torch.Tensor, Any]]]: ...
+
+
+@overload
+def sam_grad_and_value(
+    loss_fn: LossFn,
+    *,
+    rho: Rho = ...,
+    adaptive: bool | Mask = ...,
+    eta: float = ...,
+    norm: Norm = ...,
+    mask: Mask | None = ...,
+    has_aux: bool = ...,
+    num_chunks: int = ...,
+    accum_steps: int = ...,
+) -> Callable[..., tuple[PyTree, Any]]: ...
+
+
+def sam_grad_and_value(
+    loss_fn: LossFn,
+    *,
+    rho: Rho = 0.05,
+    adaptive: bool | Mask = False,
+    eta: float = 0.0,
+    norm: Norm = "l2",
+    mask: Mask | None = None,
+    has_aux: bool = False,
+    num_chunks: int = 1,
+    accum_steps: int = 1,
+) -> Callable[..., tuple[PyTree, Any]]:
+    """Transforms ``loss_fn`` into a function returning ``(sam_grads, loss)``.
+
+    The shape of ``torch.func.grad_and_value``: options are checked once here,
+    and the returned function ``f(params, batch, rho=None)`` runs both passes.
+    Its optional ``rho`` overrides the built-in radius for one call, e.g. with
+    a 0-d tensor from a rho schedule. See ``sam_grad`` for the arguments.
+
+    Example:
+        >>> import torch
+        >>> loss_fn = lambda p, batch: (p["w"] * batch).pow(2).sum()
+        >>> sam_fn = sam_grad_and_value(loss_fn, rho=0.1)
+        >>> grads, loss = sam_fn({"w": torch.ones(2)}, torch.ones(2))
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    options = _Options(rho, adaptive, eta, norm, mask, num_chunks, accum_steps)
+    checked_loss = _scalar_loss(loss_fn, has_aux)
+    if options.num_chunks > 1:
+        implementation = _sam_chunked
+    elif options.accum_steps > 1:
+        implementation = _sam_accumulated
+    else:
+        implementation = _sam_single
+
+    def sam_fn(params: Params, batch: Batch, rho: Rho | None = None) -> tuple[PyTree, Any]:
+        _check_params(params)
+        radius = options.rho if rho is None else check_rho(rho)
+        return implementation(checked_loss, params, batch, options, radius, has_aux)
+
+    return sam_fn
+
+
+@overload
+def sam_grad(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    rho: Rho = ...,
+    adaptive: bool | Mask = ...,
+    eta: float = ...,
+    norm: Norm = ...,
+    mask: Mask | None = ...,
+    has_aux: Literal[False] = ...,
+    num_chunks: int = ...,
+    accum_steps: int = ...,
+) -> tuple[PyTree, torch.Tensor]: ...
+
+
+@overload
+def sam_grad(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    rho: Rho = ...,
+    adaptive: bool | Mask = ...,
+    eta: float = ...,
+    norm: Norm = ...,
+    mask: Mask | None = ...,
+    has_aux: Literal[True],
+    num_chunks: int = ...,
+    accum_steps: int = ...,
+) -> tuple[PyTree, tuple[torch.Tensor, Any]]: ...
+
+
+@overload
+def sam_grad(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    rho: Rho = ...,
+    adaptive: bool | Mask = ...,
+    eta: float = ...,
+    norm: Norm = ...,
+    mask: Mask | None = ...,
+    has_aux: bool = ...,
+    num_chunks: int = ...,
+    accum_steps: int = ...,
+) -> tuple[PyTree, Any]: ...
+
+
+def sam_grad(
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    *,
+    rho: Rho = 0.05,
+    adaptive: bool | Mask = False,
+    eta: float = 0.0,
+    norm: Norm = "l2",
+    mask: Mask | None = None,
+    has_aux: bool = False,
+    num_chunks: int = 1,
+    accum_steps: int = 1,
+) -> tuple[PyTree, Any]:
+    """The sharpness-aware gradient ``grad L(w + e)`` and the loss at ``w``.
+
+    Two forward-backward passes through ``torch.func.grad_and_value``: one at
+    ``w`` to get ``e`` (see ``perturbation``), one at ``w + e``. Nothing is
+    mutated; the caller applies the returned gradient to the original ``w``.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch)`` returning a scalar tensor, or
+            ``(loss, aux)`` with ``has_aux=True``. With ``num_chunks`` or
+            ``accum_steps`` the loss must be a mean over the batch.
+        params: a pytree of floating-point tensors (the weights ``w``).
+        batch: any pytree; its tensors are split along dim 0 by ``num_chunks``
+            and ``accum_steps``, other leaves are passed whole.
+        rho: the radius, a float >= 0 or a 0-d tensor (change it between calls
+            under ``torch.compile`` without a recompile).
+        adaptive: ASAM; ``True`` for every leaf (the seed's ASAM, with
+            ``eta=0``), or a mask of the leaves to rescale (the ASAM authors'
+            code rescales weights only, with ``eta=0.01``).
+        eta: ASAM's offset in ``T = |w| + eta``.
+        norm: ``"l2"``, ``"none"`` or ``"inf"``; see ``perturbation``.
+        mask: which leaves to perturb; e.g. ``lambda path, _: "norm" in path``
+            perturbs only normalization layers (SAM-ON).
+        has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+        num_chunks: m-sharpness. Splits the batch into this many equal chunks,
+            each with its own ``e`` (run in parallel with ``torch.func.vmap``),
+            and averages their SAM gradients; ``aux`` leaves get a leading axis
+            of size ``num_chunks``.
+        accum_steps: gradient accumulation. Both gradients are accumulated over
+            this many micro-batches, so the result equals the full-batch SAM
+            gradient while only one micro-batch's activations are alive at a
+            time; ``aux`` leaves get a leading axis of size ``accum_steps``.
+
+    Returns:
+        ``(grads, loss)``, or ``(grads, (loss, aux))`` with ``has_aux``. ``grads``
+        has the structure of ``params``; ``loss`` and ``aux`` come from the first,
+        unperturbed pass (report that loss; take BatchNorm statistics from it).
+
+    Raises:
+        ValueError: for a negative or non-finite ``rho``, ``eta < 0``, a loss that
+            is not a scalar, or ``num_chunks``/``accum_steps`` not dividing the batch.
+        TypeError: for a non-floating-point leaf in ``params``.
+
+    Example:
+        >>> import torch
+        >>> import samfunc
+        >>> loss_fn = lambda p, batch: ((batch @ p["w"]) ** 2).mean()
+        >>> params, opt = {"w": torch.ones(3)}, samfunc.sgd(0.1, momentum=0.9)
+        >>> opt_state = opt.init(params)
+        >>> grads, loss = samfunc.sam_grad(loss_fn, params, torch.randn(8, 3), rho=0.05)
+        >>> updates, opt_state = opt.update(grads, opt_state, params)
+        >>> params = samfunc.apply_updates(params, updates)
+    """
+    sam_fn = sam_grad_and_value(
+        loss_fn,
+        rho=rho,
+        adaptive=adaptive,
+        eta=eta,
+        norm=norm,
+        mask=mask,
+        has_aux=has_aux,
+        num_chunks=num_chunks,
+        accum_steps=accum_steps,
+    )
+    result: tuple[PyTree, Any] = sam_fn(params, batch)
+    return result
