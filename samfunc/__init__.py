@@ -21,6 +21,17 @@ from ._base import TransformUpdateFn as TransformUpdateFn
 from ._combine import MaskedState as MaskedState
 from ._combine import chain as chain
 from ._combine import masked as masked
+from ._module import ModuleAux as ModuleAux
+from ._module import load_into_module as load_into_module
+from ._module import mean_over_parts as mean_over_parts
+from ._module import module_buffers as module_buffers
+from ._module import module_loss as module_loss
+from ._module import module_params as module_params
+from ._module import module_state as module_state
+from ._optim import SAM as SAM
+from ._optim import disable_running_stats as disable_running_stats
+from ._optim import enable_running_stats as enable_running_stats
+from ._optim import frozen_running_stats as frozen_running_stats
 from ._sam import perturbation as perturbation
 from ._sam import perturbed_params as perturbed_params
 from ._sam import sam_grad as sam_grad
@@ -51,6 +62,17 @@ from ._update import apply_updates as apply_updates
 __version__ = "0.1.0"
 
 __all__ = [
+    "SAM",
+    "ModuleAux",
+    "disable_running_stats",
+    "enable_running_stats",
+    "frozen_running_stats",
+    "load_into_module",
+    "mean_over_parts",
+    "module_buffers",
+    "module_loss",
+    "module_params",
+    "module_state",
     "EmptyState",
     "GradientTransformation",
     "MaskedState",

@@ -98,29 +98,46 @@ def _scale_leaves(
 def _perturbation_leaves(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
-    rho: Rho,
+    rho: Rho | Sequence[float],
     adaptive: Sequence[bool],
-    eta: float,
+    eta: float | Sequence[float],
     norm: Norm,
     fused: bool = True,
 ) -> list[torch.Tensor]:
-    """``e`` for matching lists of parameter and gradient leaves (the one formula)."""
+    """``e`` for matching lists of parameter and gradient leaves (the one formula).
+
+    ``rho`` and ``eta`` are one value, or one float per leaf (the ``SAM``
+    class's per-group options); the norm is global over all the leaves either
+    way, as in the seed.
+    """
     if not params:
         return []
+    etas = [float(eta)] * len(params) if isinstance(eta, (float, int)) else list(eta)
+    leaf_rhos: list[float] | None
+    if isinstance(rho, (float, int, torch.Tensor)):
+        leaf_rhos, radius = None, rho
+    else:
+        leaf_rhos, radius = [float(r) for r in rho], 1.0
     # ASAM's T = |w| + eta on adaptive leaves; T = 1 (no tensor) elsewhere.
     scales: list[torch.Tensor | None] = [
-        p.abs() + eta if is_adaptive else None for p, is_adaptive in zip(params, adaptive)
+        p.abs() + leaf_eta if is_adaptive else None
+        for p, is_adaptive, leaf_eta in zip(params, adaptive, etas)
     ]
-    scaled_grads = [g if t is None else t * g for g, t in zip(grads, scales)]
     if norm == "inf":
         signs = torch._foreach_sign(list(grads)) if fused else [g.sign() for g in grads]
         directions = [s if t is None else t * s for s, t in zip(signs, scales)]
-        return _scale_leaves(directions, rho, fused)
-    directions = [tg if t is None else t * tg for tg, t in zip(scaled_grads, scales)]
-    if norm == "none":
-        return _scale_leaves(directions, rho, fused)
-    factor = rho / (_tree.global_norm(scaled_grads, fused=fused) + NORM_EPS)
-    return _scale_leaves(directions, factor, fused)
+        factor = radius
+    else:
+        scaled_grads = [g if t is None else t * g for g, t in zip(grads, scales)]
+        directions = [tg if t is None else t * tg for tg, t in zip(scaled_grads, scales)]
+        if norm == "none":
+            factor = radius
+        else:
+            factor = radius / (_tree.global_norm(scaled_grads, fused=fused) + NORM_EPS)
+    e = _scale_leaves(directions, factor, fused)
+    if leaf_rhos is not None:
+        e = [leaf * r for leaf, r in zip(e, leaf_rhos)]
+    return e
 
 
 def perturbation(
@@ -324,6 +341,7 @@ class _Options:
         mask: Mask | None,
         num_chunks: int,
         accum_steps: int,
+        reuse_rng: bool = False,
     ) -> None:
         self.rho = check_rho(rho)
         self.eta = check_nonnegative("eta", eta)
@@ -332,6 +350,7 @@ class _Options:
         self.mask = mask
         self.num_chunks = check_positive_int("num_chunks", num_chunks)
         self.accum_steps = check_positive_int("accum_steps", accum_steps)
+        self.reuse_rng = bool(reuse_rng)
         if self.num_chunks > 1 and self.accum_steps > 1:
             raise ValueError(
                 "num_chunks and accum_steps cannot both be > 1, "
@@ -354,10 +373,56 @@ def _sam_single(
     fused: bool = True,
 ) -> tuple[PyTree, Any]:
     """Both passes on one batch: ``(grad L(w + e), value at w)``."""
-    grads, value = grad_and_value(loss_fn, has_aux=has_aux)(params, batch)
+    grad_fn = grad_and_value(loss_fn, has_aux=has_aux)
+    if not options.reuse_rng:
+        grads, value = grad_fn(params, batch)
+        perturbed = options.perturb(params, grads, rho, fused)
+        return grad_fn(perturbed, batch)[0], value
+    devices = _cuda_devices(params)
+    before = _rng_states(devices)
+    grads, value = grad_fn(params, batch)
     perturbed = options.perturb(params, grads, rho, fused)
-    sam_grads, _ = grad_and_value(loss_fn, has_aux=has_aux)(perturbed, batch)
+    # Replay the first pass's random draws (dropout masks) in the second pass,
+    # then leave the generators where the first pass left them.
+    with torch.random.fork_rng(devices=devices):
+        _set_rng_states(before, devices)
+        sam_grads, _ = grad_fn(perturbed, batch)
     return sam_grads, value
+
+
+def _cuda_devices(params: Params) -> list[int]:
+    return sorted({t.device.index or 0 for t in _tree.leaves(params) if t.device.type == "cuda"})
+
+
+def _rng_states(cuda_devices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    cuda = [torch.cuda.get_rng_state(d) for d in cuda_devices]
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_states(
+    states: tuple[torch.Tensor, list[torch.Tensor]], cuda_devices: list[int]
+) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    for device, state in zip(cuda_devices, cuda):
+        torch.cuda.set_rng_state(state, device)
+
+
+def _sam_chunk_loop(
+    loss_fn: LossFn, params: Params, batch: Batch, options: _Options, rho: Rho, has_aux: bool
+) -> tuple[PyTree, Any]:
+    """m-sharpness as a Python loop over chunks: for losses vmap cannot batch.
+
+    BatchNorm in training mode updates its running statistics in place, which
+    ``torch.func.vmap`` refuses; this loop supports it, one chunk at a time.
+    """
+
+    def one_chunk(params: Params, chunk: Batch) -> tuple[PyTree, Any]:
+        return _sam_single(loss_fn, params, chunk, options, rho, has_aux)
+
+    chunks = _split_batch(batch, options.num_chunks, "num_chunks")
+    grads, values = _accumulate(one_chunk, params, chunks)
+    return grads, _mean_values(values, has_aux)
 
 
 def _sam_chunked(
@@ -386,16 +451,21 @@ def _sam_accumulated(
     grads, values = _accumulate(grad_fn, params, micro_batches)
     perturbed = options.perturb(params, grads, rho)
     sam_grads, _ = _accumulate(grad_fn, perturbed, micro_batches)
+    return sam_grads, _mean_values(values, has_aux)
+
+
+def _mean_values(values: Sequence[Any], has_aux: bool) -> Any:
+    """The mean loss over parts; with ``has_aux``, ``(loss, aux stacked over parts)``."""
     if has_aux:
         loss = torch.stack([v[0] for v in values]).mean()
-        return sam_grads, (loss, _stack_aux([v[1] for v in values]))
-    return sam_grads, torch.stack(values).mean()
+        return loss, _stack_aux([v[1] for v in values])
+    return torch.stack(list(values)).mean()
 
 
 def _accumulate(
     grad_fn: Callable[..., tuple[PyTree, Any]], params: Params, micro_batches: Sequence[Batch]
 ) -> tuple[PyTree, list[Any]]:
-    """Mean gradient over micro-batches, summed as it goes; also each value."""
+    """Mean gradient over the parts of a batch, summed as it goes; also each value."""
     total, values = None, []
     for micro_batch in micro_batches:
         grads, value = grad_fn(params, micro_batch)
@@ -419,6 +489,8 @@ def sam_grad_and_value(
     has_aux: Literal[False] = ...,
     num_chunks: int = ...,
     accum_steps: int = ...,
+    vectorize_chunks: bool = ...,
+    reuse_rng: bool = ...,
 ) -> Callable[..., tuple[PyTree, torch.Tensor]]: ...
 
 
@@ -434,6 +506,8 @@ def sam_grad_and_value(
     has_aux: Literal[True],
     num_chunks: int = ...,
     accum_steps: int = ...,
+    vectorize_chunks: bool = ...,
+    reuse_rng: bool = ...,
 ) -> Callable[..., tuple[PyTree, tuple[torch.Tensor, Any]]]: ...
 
 
@@ -449,6 +523,8 @@ def sam_grad_and_value(
     has_aux: bool = ...,
     num_chunks: int = ...,
     accum_steps: int = ...,
+    vectorize_chunks: bool = ...,
+    reuse_rng: bool = ...,
 ) -> Callable[..., tuple[PyTree, Any]]: ...
 
 
@@ -463,6 +539,8 @@ def sam_grad_and_value(
     has_aux: bool = False,
     num_chunks: int = 1,
     accum_steps: int = 1,
+    vectorize_chunks: bool = True,
+    reuse_rng: bool = False,
 ) -> Callable[..., tuple[PyTree, Any]]:
     """Transforms ``loss_fn`` into a function returning ``(sam_grads, loss)``.
 
@@ -479,10 +557,10 @@ def sam_grad_and_value(
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    options = _Options(rho, adaptive, eta, norm, mask, num_chunks, accum_steps)
+    options = _Options(rho, adaptive, eta, norm, mask, num_chunks, accum_steps, reuse_rng)
     checked_loss = _scalar_loss(loss_fn, has_aux)
     if options.num_chunks > 1:
-        implementation = _sam_chunked
+        implementation = _sam_chunked if vectorize_chunks else _sam_chunk_loop
     elif options.accum_steps > 1:
         implementation = _sam_accumulated
     else:
@@ -510,6 +588,8 @@ def sam_grad(
     has_aux: Literal[False] = ...,
     num_chunks: int = ...,
     accum_steps: int = ...,
+    vectorize_chunks: bool = ...,
+    reuse_rng: bool = ...,
 ) -> tuple[PyTree, torch.Tensor]: ...
 
 
@@ -527,6 +607,8 @@ def sam_grad(
     has_aux: Literal[True],
     num_chunks: int = ...,
     accum_steps: int = ...,
+    vectorize_chunks: bool = ...,
+    reuse_rng: bool = ...,
 ) -> tuple[PyTree, tuple[torch.Tensor, Any]]: ...
 
 
@@ -544,6 +626,8 @@ def sam_grad(
     has_aux: bool = ...,
     num_chunks: int = ...,
     accum_steps: int = ...,
+    vectorize_chunks: bool = ...,
+    reuse_rng: bool = ...,
 ) -> tuple[PyTree, Any]: ...
 
 
@@ -560,6 +644,8 @@ def sam_grad(
     has_aux: bool = False,
     num_chunks: int = 1,
     accum_steps: int = 1,
+    vectorize_chunks: bool = True,
+    reuse_rng: bool = False,
 ) -> tuple[PyTree, Any]:
     """The sharpness-aware gradient ``grad L(w + e)`` and the loss at ``w``.
 
@@ -592,6 +678,12 @@ def sam_grad(
             this many micro-batches, so the result equals the full-batch SAM
             gradient while only one micro-batch's activations are alive at a
             time; ``aux`` leaves get a leading axis of size ``accum_steps``.
+        vectorize_chunks: run the ``num_chunks`` chunks with ``torch.func.vmap``
+            (default) or, with False, in a Python loop, which supports losses vmap
+            cannot batch, such as BatchNorm updating its running statistics.
+        reuse_rng: replay the first pass's random state in the second pass, so
+            both see the same dropout masks (the seed draws new ones). Not for
+            ``torch.compile(fullgraph=True)``: RNG state capture breaks graphs.
 
     Returns:
         ``(grads, loss)``, or ``(grads, (loss, aux))`` with ``has_aux``. ``grads``
@@ -623,6 +715,8 @@ def sam_grad(
         has_aux=has_aux,
         num_chunks=num_chunks,
         accum_steps=accum_steps,
+        vectorize_chunks=vectorize_chunks,
+        reuse_rng=reuse_rng,
     )
     result: tuple[PyTree, Any] = sam_fn(params, batch)
     return result

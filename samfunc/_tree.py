@@ -191,7 +191,12 @@ def global_norm(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
 def mul_leaves(
     tensors: Sequence[torch.Tensor], factor: float | torch.Tensor, *, fused: bool = True
 ) -> list[torch.Tensor]:
-    """``[factor * t for t in tensors]``, fused unless ``fused=False`` (vmap)."""
+    """``[factor * t for t in tensors]``, fused unless ``fused=False`` (vmap).
+
+    A tensor ``factor`` is moved to each leaf's device when they differ.
+    """
+    if isinstance(factor, torch.Tensor) and any(t.device != factor.device for t in tensors):
+        return [t * factor.to(t.device) for t in tensors]
     if fused:
         return list(torch._foreach_mul(list(tensors), factor))
     return [t * factor for t in tensors]

@@ -1,0 +1,170 @@
+"""The ``nn.Module`` bridge: parameters and buffers as pytrees, losses via ``functional_call``.
+
+A module's trainable parameters become a dict pytree for ``sam_grad`` and the
+optimizer; its buffers (BatchNorm running statistics) are threaded through the
+loss function as an input and an output, never mutated in place. In a SAM step
+the new buffers come from the first, unperturbed pass only, as in the seed's
+training advice and the official JAX code.
+
+Example:
+    >>> import torch
+    >>> import samfunc
+    >>> model = torch.nn.Sequential(
+    ...     torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+    ... )
+    >>> params, buffers = samfunc.module_state(model)
+    >>> loss_fn = samfunc.module_loss(model, torch.nn.functional.cross_entropy, buffers)
+    >>> batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    >>> grads, (loss, aux) = samfunc.sam_grad(loss_fn, params, batch, has_aux=True)
+    >>> buffers = aux.buffers  # running statistics from the pass at w
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch.func import functional_call
+
+from . import _tree
+
+__all__ = [
+    "ModuleAux",
+    "module_params",
+    "module_buffers",
+    "module_state",
+    "module_loss",
+    "mean_over_parts",
+    "load_into_module",
+]
+
+Tensors = dict[str, torch.Tensor]
+
+
+class ModuleAux(NamedTuple):
+    """What ``module_loss`` returns beside the loss.
+
+    Attributes:
+        buffers: the module's buffers after the forward pass (updated running
+            statistics in training mode; unchanged copies in eval mode).
+        output: the module's output, detached (for accuracy and other metrics).
+    """
+
+    buffers: Tensors
+    output: Any
+
+
+def module_params(module: torch.nn.Module) -> Tensors:
+    """The trainable parameters as ``{name: tensor}``, detached from autograd.
+
+    Parameters with ``requires_grad=False`` are left out (``functional_call``
+    then uses the module's own, so they are neither perturbed nor updated).
+    Tied weights appear once, under their first name, and get one gradient.
+    The tensors share storage with the module; samfunc never writes to them.
+    """
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def module_buffers(module: torch.nn.Module) -> Tensors:
+    """The buffers as ``{name: tensor}``, detached copies."""
+    return {name: b.detach().clone() for name, b in module.named_buffers()}
+
+
+def module_state(module: torch.nn.Module) -> tuple[Tensors, Tensors]:
+    """``(module_params(module), module_buffers(module))``."""
+    return module_params(module), module_buffers(module)
+
+
+def module_loss(
+    module: torch.nn.Module,
+    criterion: Callable[[Any, Any], torch.Tensor],
+    buffers: Tensors | None = None,
+) -> Callable[[Tensors, Any], tuple[torch.Tensor, ModuleAux]]:
+    """A ``loss_fn(params, batch) -> (loss, ModuleAux)`` for ``sam_grad(..., has_aux=True)``.
+
+    ``batch`` is ``(inputs, targets)``: ``inputs`` a tensor, or a tuple of the
+    module's positional arguments; the loss is ``criterion(output, targets)``.
+    The module runs through ``torch.func.functional_call`` in its current
+    train/eval mode. ``buffers`` are copied before the call, so the module may
+    update the copies in place (BatchNorm does) while the caller's stay as they
+    were; the copies come back in ``ModuleAux.buffers``.
+
+    Build it inside your train step from that step's buffers: the function
+    closes over them, and a fresh closure per step keeps the step pure.
+
+    Args:
+        module: the model.
+        criterion: ``criterion(output, targets)`` returning a scalar tensor.
+        buffers: the buffers to run with; ``None`` uses the module's own
+            (read-only: they are copied first).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> loss_fn = module_loss(model, torch.nn.functional.cross_entropy)
+        >>> batch = (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+        >>> loss, aux = loss_fn(module_params(model), batch)
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not callable(criterion):
+        raise TypeError(f"criterion must be callable, got {type(criterion).__name__}")
+    start = module_buffers(module) if buffers is None else buffers
+
+    def loss_fn(params: Tensors, batch: Any) -> tuple[torch.Tensor, ModuleAux]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"batch must be an (inputs, targets) pair, got {type(batch).__name__}")
+        inputs, targets = batch
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        new_buffers = {name: b.clone() for name, b in start.items()}
+        output = functional_call(module, (params, new_buffers), args)
+        loss = criterion(output, targets)
+        return loss, ModuleAux(buffers=new_buffers, output=_tree.tree_map(_detach, output))
+
+    return loss_fn
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+def mean_over_parts(buffers: Tensors) -> Tensors:
+    """Reduces buffers stacked over chunks or micro-batches to one set.
+
+    ``sam_grad`` with ``num_chunks`` or ``accum_steps`` stacks the aux of each
+    part on a new leading axis. Averaging floating-point running statistics
+    gives the running mean a full-batch step would have (and the running
+    variance to within the spread of the part means); integer buffers such as
+    ``num_batches_tracked`` are the same in every part and the first is kept.
+
+    Example:
+        >>> import torch
+        >>> mean_over_parts({"m": torch.tensor([[1.0], [3.0]]), "n": torch.tensor([4, 4])})
+        {'m': tensor([2.]), 'n': tensor(4)}
+    """
+    return {name: b.mean(0) if b.is_floating_point() else b[0] for name, b in buffers.items()}
+
+
+@torch.no_grad()
+def load_into_module(
+    module: torch.nn.Module, params: Tensors, buffers: Tensors | None = None
+) -> None:
+    """Copies functional params (and buffers) back into ``module``, in place.
+
+    For evaluation with ordinary PyTorch code or for saving a ``state_dict``;
+    the training loop itself never needs it.
+
+    Raises:
+        KeyError: if a name is not a parameter (or buffer) of ``module``.
+    """
+    own_params = dict(module.named_parameters())
+    own_buffers = dict(module.named_buffers())
+    for name, value in params.items():
+        if name not in own_params:
+            raise KeyError(f"params has {name!r}, which is not a parameter of the module")
+        own_params[name].copy_(value)
+    for name, value in (buffers or {}).items():
+        if name not in own_buffers:
+            raise KeyError(f"buffers has {name!r}, which is not a buffer of the module")
+        own_buffers[name].copy_(value)
