@@ -43,6 +43,11 @@ from ._schedule import linear_schedule as linear_schedule
 from ._schedule import multistep_schedule as multistep_schedule
 from ._schedule import step_schedule as step_schedule
 from ._schedule import warmup_cosine_decay_schedule as warmup_cosine_decay_schedule
+from ._step import StepMetrics as StepMetrics
+from ._step import TrainState as TrainState
+from ._step import init_train_state as init_train_state
+from ._step import make_module_train_step as make_module_train_step
+from ._step import make_train_step as make_train_step
 from ._transform import DecoupledWeightDecayState as DecoupledWeightDecayState
 from ._transform import ScaleByAdamState as ScaleByAdamState
 from ._transform import ScaleByScheduleState as ScaleByScheduleState
@@ -63,6 +68,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
+    "StepMetrics",
+    "TrainState",
+    "init_train_state",
+    "make_module_train_step",
+    "make_train_step",
     "ModuleAux",
     "disable_running_stats",
     "enable_running_stats",

@@ -87,8 +87,10 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
-        # w, saved by first_step for every parameter it perturbed.
-        self._saved_params: dict[torch.Tensor, torch.Tensor] = {}
+        # Storage for w, reused from step to step (as the seed's "old_p"), and
+        # the parameters first_step moved in the current step.
+        self._backup: dict[torch.Tensor, torch.Tensor] = {}
+        self._perturbed: list[torch.Tensor] = []
 
     def _with_grads(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
         for group in self.param_groups:
@@ -103,7 +105,7 @@ class SAM(torch.optim.Optimizer):
         Args:
             zero_grad: clear the gradients afterwards, ready for the second pass.
         """
-        if self._saved_params:
+        if self._perturbed:
             raise RuntimeError("first_step called twice without second_step in between")
         pairs = list(self._with_grads())
         if pairs:
@@ -117,7 +119,11 @@ class SAM(torch.optim.Optimizer):
                 [float(group["eta"]) for group, _ in pairs],
                 "l2",
             )
-            self._saved_params = {p: p.detach().clone() for p in params}
+            for p in params:
+                if p not in self._backup:
+                    self._backup[p] = torch.empty_like(p)
+            torch._foreach_copy_([self._backup[p] for p in params], params)
+            self._perturbed = params
             torch._foreach_add_(params, e)
         if zero_grad:
             self.zero_grad()
@@ -125,9 +131,9 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Puts back ``w`` for every parameter ``first_step`` moved (a no-op otherwise)."""
-        for p, saved in self._saved_params.items():
-            p.copy_(saved)
-        self._saved_params = {}
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
+        self._perturbed = []
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

@@ -118,26 +118,59 @@ def _perturbation_leaves(
         leaf_rhos, radius = None, rho
     else:
         leaf_rhos, radius = [float(r) for r in rho], 1.0
-    # ASAM's T = |w| + eta on adaptive leaves; T = 1 (no tensor) elsewhere.
-    scales: list[torch.Tensor | None] = [
-        p.abs() + leaf_eta if is_adaptive else None
-        for p, is_adaptive, leaf_eta in zip(params, adaptive, etas)
-    ]
+    scales = _asam_scales(params, adaptive, etas, fused)
     if norm == "inf":
         signs = torch._foreach_sign(list(grads)) if fused else [g.sign() for g in grads]
-        directions = [s if t is None else t * s for s, t in zip(signs, scales)]
+        directions = _times(signs, scales, fused)
         factor = radius
     else:
-        scaled_grads = [g if t is None else t * g for g, t in zip(grads, scales)]
-        directions = [tg if t is None else t * tg for tg, t in zip(scaled_grads, scales)]
+        scaled_grads = _times(grads, scales, fused)
+        directions = _times(scaled_grads, scales, fused)
         if norm == "none":
             factor = radius
         else:
             factor = radius / (_tree.global_norm(scaled_grads, fused=fused) + NORM_EPS)
     e = _scale_leaves(directions, factor, fused)
     if leaf_rhos is not None:
-        e = [leaf * r for leaf, r in zip(e, leaf_rhos)]
+        e = (
+            list(torch._foreach_mul(e, leaf_rhos))
+            if fused
+            else [x * r for x, r in zip(e, leaf_rhos)]
+        )
     return e
+
+
+def _asam_scales(
+    params: Sequence[torch.Tensor], adaptive: Sequence[bool], etas: Sequence[float], fused: bool
+) -> list[torch.Tensor | None]:
+    """ASAM's ``T = |w| + eta`` for adaptive leaves; None (``T = 1``) for the others."""
+    chosen = [i for i, is_adaptive in enumerate(adaptive) if is_adaptive]
+    scales: list[torch.Tensor | None] = [None] * len(params)
+    if not chosen:
+        return scales
+    weights = [params[i] for i in chosen]
+    chosen_etas = [etas[i] for i in chosen]
+    if fused:
+        values = list(torch._foreach_add(torch._foreach_abs(weights), chosen_etas))
+    else:
+        values = [w.abs() + eta for w, eta in zip(weights, chosen_etas)]
+    for i, value in zip(chosen, values):
+        scales[i] = value
+    return scales
+
+
+def _times(
+    values: Sequence[torch.Tensor], scales: Sequence[torch.Tensor | None], fused: bool
+) -> list[torch.Tensor]:
+    """``values[i] * scales[i]`` where a scale is given; ``values[i]`` itself elsewhere."""
+    chosen = [(i, scale) for i, scale in enumerate(scales) if scale is not None]
+    out = list(values)
+    if not chosen:
+        return out
+    products = _tree.mul_lists([values[i] for i, _ in chosen], [s for _, s in chosen], fused=fused)
+    for (i, _), product in zip(chosen, products):
+        out[i] = product
+    return out
 
 
 def perturbation(

@@ -39,6 +39,7 @@ __all__ = [
     "check_same_structure",
     "global_norm",
     "mul_leaves",
+    "mul_lists",
     "add_leaves",
     "add_scaled",
     "scale",
@@ -200,6 +201,15 @@ def mul_leaves(
     if fused:
         return list(torch._foreach_mul(list(tensors), factor))
     return [t * factor for t in tensors]
+
+
+def mul_lists(
+    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, fused: bool = True
+) -> list[torch.Tensor]:
+    """``[x * y for x, y in zip(a, b)]``, fused unless ``fused=False`` (vmap)."""
+    if fused:
+        return list(torch._foreach_mul(list(a), list(b)))
+    return [x * y for x, y in zip(a, b)]
 
 
 def add_leaves(

@@ -1,0 +1,287 @@
+"""Whole train steps, pure and ready for ``torch.compile(fullgraph=True)``.
+
+``make_train_step`` (any ``loss_fn(params, batch)``) and
+``make_module_train_step`` (an ``nn.Module`` and a criterion, with buffers)
+return ``step(state, batch) -> (new_state, metrics)``. Everything that changes
+from step to step (the step count, the learning rate from a schedule, rho from
+a schedule) is a tensor in ``state``, so a compiled step neither breaks its
+graph nor recompiles as training goes on.
+
+Example:
+    >>> import torch
+    >>> import samfunc
+    >>> model = torch.nn.Linear(4, 3)
+    >>> opt = samfunc.sgd(0.1, momentum=0.9)
+    >>> step = samfunc.make_module_train_step(model, torch.nn.functional.cross_entropy, opt)
+    >>> state = samfunc.init_train_state(model, opt)
+    >>> batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    >>> state, metrics = step(state, batch)
+    >>> int(state.step)
+    1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Union
+
+import torch
+from torch.func import grad_and_value
+
+from . import _tree
+from ._base import GradientTransformation, OptState, Schedule
+from ._module import ModuleAux, mean_over_parts, module_loss, module_state
+from ._sam import Norm, _Options, sam_grad
+from ._transform import init_count
+from ._tree import Mask, PyTree
+from ._update import apply_updates
+from ._validate import check_nonnegative
+
+__all__ = [
+    "TrainState",
+    "StepMetrics",
+    "init_train_state",
+    "make_train_step",
+    "make_module_train_step",
+]
+
+RhoOrSchedule = Union[float, Schedule]
+
+
+class TrainState(NamedTuple):
+    """Everything a train step reads and returns.
+
+    Attributes:
+        params: the trainable parameters (a pytree).
+        opt_state: the optimizer's state.
+        buffers: the module's buffers (``{}`` for a plain loss function).
+        step: the number of steps taken, an int64 0-d tensor.
+    """
+
+    params: PyTree
+    opt_state: OptState
+    buffers: PyTree
+    step: torch.Tensor
+
+
+class StepMetrics(NamedTuple):
+    """What a step reports.
+
+    Attributes:
+        loss: the loss at ``w``, before the update (SAM's first pass).
+        grad_norm: the global L2 norm of the gradient given to the optimizer.
+        rho: the radius used in this step.
+        output: the module's detached output for this batch
+            (``make_module_train_step`` only; ``None`` otherwise).
+    """
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    rho: torch.Tensor
+    output: Any = None
+
+
+def init_train_state(
+    params_or_module: PyTree | torch.nn.Module,
+    optimizer: GradientTransformation,
+    buffers: PyTree | None = None,
+) -> TrainState:
+    """Builds the first ``TrainState`` from params (or a module) and an optimizer.
+
+    Example:
+        >>> import torch
+        >>> import samfunc
+        >>> state = samfunc.init_train_state({"w": torch.zeros(3)}, samfunc.sgd(0.1))
+    """
+    if isinstance(params_or_module, torch.nn.Module):
+        params, module_buffers = module_state(params_or_module)
+        buffers = module_buffers if buffers is None else buffers
+    else:
+        params = params_or_module
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        buffers={} if buffers is None else buffers,
+        step=init_count(params),
+    )
+
+
+def _check_rho(rho: RhoOrSchedule) -> RhoOrSchedule:
+    if callable(rho):
+        return rho
+    return check_nonnegative("rho", rho)
+
+
+def _rho_at(rho: RhoOrSchedule, step: torch.Tensor) -> torch.Tensor:
+    if callable(rho):
+        return rho(step)
+    return torch.full((), rho, dtype=torch.float32, device=step.device)
+
+
+class _SamSettings(NamedTuple):
+    sam: bool
+    rho: RhoOrSchedule
+    options: dict[str, Any]
+
+
+def _settings(
+    sam: bool,
+    rho: RhoOrSchedule,
+    adaptive: bool | Mask,
+    eta: float,
+    norm: Norm,
+    mask: Mask | None,
+    num_chunks: int,
+    accum_steps: int,
+    vectorize_chunks: bool,
+) -> _SamSettings:
+    rho = _check_rho(rho)
+    _Options(0.0, adaptive, eta, norm, mask, num_chunks, accum_steps)  # validates now
+    options = dict(
+        adaptive=adaptive,
+        eta=eta,
+        norm=norm,
+        mask=mask,
+        num_chunks=num_chunks,
+        accum_steps=accum_steps,
+        vectorize_chunks=vectorize_chunks,
+    )
+    return _SamSettings(sam=bool(sam), rho=rho, options=options)
+
+
+def _gradient(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: Any,
+    settings: _SamSettings,
+    rho: torch.Tensor,
+    has_aux: bool,
+) -> tuple[PyTree, Any]:
+    if settings.sam:
+        return sam_grad(loss_fn, params, batch, rho=rho, has_aux=has_aux, **settings.options)
+    result: tuple[PyTree, Any] = grad_and_value(loss_fn, has_aux=has_aux)(params, batch)
+    return result
+
+
+def _update(
+    optimizer: GradientTransformation, state: TrainState, grads: PyTree
+) -> tuple[PyTree, OptState, torch.Tensor]:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return apply_updates(state.params, updates), opt_state, _tree.global_norm(grads)
+
+
+def make_train_step(
+    loss_fn: Callable[[PyTree, Any], torch.Tensor],
+    optimizer: GradientTransformation,
+    *,
+    sam: bool = True,
+    rho: RhoOrSchedule = 0.05,
+    adaptive: bool | Mask = False,
+    eta: float = 0.0,
+    norm: Norm = "l2",
+    mask: Mask | None = None,
+    num_chunks: int = 1,
+    accum_steps: int = 1,
+    vectorize_chunks: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
+    """A pure SAM train step for ``loss_fn(params, batch) -> scalar loss``.
+
+    Args:
+        loss_fn: the loss, a function of the params and a batch.
+        optimizer: the ``GradientTransformation`` that turns gradients into updates.
+        sam: False for the plain-gradient baseline (one pass, same pipeline).
+        rho: a float, or a schedule ``step -> rho`` (a 0-d tensor).
+        adaptive: see ``sam_grad``.
+        eta: see ``sam_grad``.
+        norm: see ``sam_grad``.
+        mask: see ``sam_grad``.
+        num_chunks: see ``sam_grad``.
+        accum_steps: see ``sam_grad``.
+        vectorize_chunks: see ``sam_grad``.
+
+    Returns:
+        ``step(state, batch) -> (new_state, StepMetrics)``; wrap it in
+        ``torch.compile(step, fullgraph=True)`` for speed.
+
+    Example:
+        >>> import torch
+        >>> import samfunc
+        >>> loss_fn = lambda p, batch: ((batch @ p["w"]) ** 2).mean()
+        >>> opt = samfunc.sgd(0.1)
+        >>> step = samfunc.make_train_step(loss_fn, opt, rho=0.05)
+        >>> state = samfunc.init_train_state({"w": torch.ones(3)}, opt)
+        >>> state, metrics = step(state, torch.randn(8, 3))
+    """
+    settings = _settings(
+        sam, rho, adaptive, eta, norm, mask, num_chunks, accum_steps, vectorize_chunks
+    )
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, StepMetrics]:
+        rho_now = _rho_at(settings.rho, state.step)
+        grads, loss = _gradient(loss_fn, state.params, batch, settings, rho_now, has_aux=False)
+        params, opt_state, grad_norm = _update(optimizer, state, grads)
+        new_state = TrainState(params, opt_state, state.buffers, state.step + 1)
+        return new_state, StepMetrics(loss=loss, grad_norm=grad_norm, rho=rho_now)
+
+    return step
+
+
+def _merge_parts(aux: ModuleAux, parts: int) -> ModuleAux:
+    """Buffers and outputs stacked over chunks or micro-batches, back to one batch."""
+    if parts == 1:
+        return aux
+    output = _tree.tree_map(lambda o: o.reshape(-1, *o.shape[2:]), aux.output)
+    return ModuleAux(buffers=mean_over_parts(aux.buffers), output=output)
+
+
+def make_module_train_step(
+    module: torch.nn.Module,
+    criterion: Callable[[Any, Any], torch.Tensor],
+    optimizer: GradientTransformation,
+    *,
+    sam: bool = True,
+    rho: RhoOrSchedule = 0.05,
+    adaptive: bool | Mask = False,
+    eta: float = 0.0,
+    norm: Norm = "l2",
+    mask: Mask | None = None,
+    num_chunks: int = 1,
+    accum_steps: int = 1,
+    vectorize_chunks: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
+    """A pure SAM train step for an ``nn.Module``, with its buffers threaded through.
+
+    ``batch`` is ``(inputs, targets)`` and the loss is ``criterion(module(inputs),
+    targets)`` (see ``module_loss``). The new buffers (BatchNorm running
+    statistics) come from the first, unperturbed pass; with ``num_chunks`` or
+    ``accum_steps`` they are averaged over the parts (see ``mean_over_parts``).
+    BatchNorm in training mode needs ``vectorize_chunks=False`` with
+    ``num_chunks > 1``. The other arguments are those of ``make_train_step``.
+
+    Example:
+        >>> import torch
+        >>> import samfunc
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+        >>> opt = samfunc.sgd(0.1)
+        >>> step = samfunc.make_module_train_step(model, torch.nn.functional.mse_loss, opt)
+        >>> state = samfunc.init_train_state(model, opt)
+        >>> state, metrics = step(state, (torch.randn(16, 4), torch.randn(16, 8)))
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    settings = _settings(
+        sam, rho, adaptive, eta, norm, mask, num_chunks, accum_steps, vectorize_chunks
+    )
+    parts = num_chunks * accum_steps if sam else 1
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, StepMetrics]:
+        rho_now = _rho_at(settings.rho, state.step)
+        loss_fn = module_loss(module, criterion, state.buffers)
+        grads, (loss, aux) = _gradient(loss_fn, state.params, batch, settings, rho_now, True)
+        aux = _merge_parts(aux, parts)
+        params, opt_state, grad_norm = _update(optimizer, state, grads)
+        new_state = TrainState(params, opt_state, aux.buffers, state.step + 1)
+        metrics = StepMetrics(loss=loss, grad_norm=grad_norm, rho=rho_now, output=aux.output)
+        return new_state, metrics
+
+    return step
