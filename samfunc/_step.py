@@ -112,10 +112,16 @@ def _check_rho(rho: RhoOrSchedule) -> RhoOrSchedule:
     return check_nonnegative("rho", rho)
 
 
-def _rho_at(rho: RhoOrSchedule, step: torch.Tensor) -> torch.Tensor:
+def _rho_at(rho: RhoOrSchedule, step: torch.Tensor) -> tuple[float | torch.Tensor, torch.Tensor]:
+    """The radius for this step, as given to ``sam_grad`` and as a metric tensor.
+
+    A constant rho stays a Python float for ``sam_grad`` (a float32 tensor would
+    round it, which float64 training would notice).
+    """
     if callable(rho):
-        return rho(step)
-    return torch.full((), rho, dtype=torch.float32, device=step.device)
+        value = rho(step)
+        return value, value
+    return rho, torch.full((), rho, dtype=torch.float32, device=step.device)
 
 
 class _SamSettings(NamedTuple):
@@ -154,7 +160,7 @@ def _gradient(
     params: PyTree,
     batch: Any,
     settings: _SamSettings,
-    rho: torch.Tensor,
+    rho: float | torch.Tensor,
     has_aux: bool,
 ) -> tuple[PyTree, Any]:
     if settings.sam:
@@ -217,11 +223,11 @@ def make_train_step(
     )
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, StepMetrics]:
-        rho_now = _rho_at(settings.rho, state.step)
+        rho_now, rho_metric = _rho_at(settings.rho, state.step)
         grads, loss = _gradient(loss_fn, state.params, batch, settings, rho_now, has_aux=False)
         params, opt_state, grad_norm = _update(optimizer, state, grads)
         new_state = TrainState(params, opt_state, state.buffers, state.step + 1)
-        return new_state, StepMetrics(loss=loss, grad_norm=grad_norm, rho=rho_now)
+        return new_state, StepMetrics(loss=loss, grad_norm=grad_norm, rho=rho_metric)
 
     return step
 
@@ -275,13 +281,13 @@ def make_module_train_step(
     parts = num_chunks * accum_steps if sam else 1
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, StepMetrics]:
-        rho_now = _rho_at(settings.rho, state.step)
+        rho_now, rho_metric = _rho_at(settings.rho, state.step)
         loss_fn = module_loss(module, criterion, state.buffers)
         grads, (loss, aux) = _gradient(loss_fn, state.params, batch, settings, rho_now, True)
         aux = _merge_parts(aux, parts)
         params, opt_state, grad_norm = _update(optimizer, state, grads)
         new_state = TrainState(params, opt_state, aux.buffers, state.step + 1)
-        metrics = StepMetrics(loss=loss, grad_norm=grad_norm, rho=rho_now, output=aux.output)
+        metrics = StepMetrics(loss=loss, grad_norm=grad_norm, rho=rho_metric, output=aux.output)
         return new_state, metrics
 
     return step

@@ -1,6 +1,6 @@
-"""torch.compile(fullgraph=True) over a whole SAM train step equals eager.
+"""torch.compile(fullgraph=True) over whole SAM train steps equals eager.
 
-Compiling costs 10-30 s on the CPU here, so one compiled function is shared.
+Compiling costs 10-30 s on the CPU here, so compiled functions are few and shared.
 """
 
 from __future__ import annotations
@@ -15,42 +15,91 @@ import samfunc
 
 from .helpers import max_abs_diff
 
-torch.manual_seed(0)
-MODEL = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-OPTIMIZER = samfunc.sgd(samfunc.cosine_decay_schedule(0.1, 20), momentum=0.9, weight_decay=5e-4)
+F = torch.nn.functional
+STEPS = 8
 
 
-def loss_fn(params: Any, batch: Any) -> torch.Tensor:
-    x, y = batch
-    return torch.nn.functional.cross_entropy(torch.func.functional_call(MODEL, params, (x,)), y)
+def cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 5),
+    )
 
 
-def train_step(params: Any, opt_state: Any, batch: Any, rho: torch.Tensor) -> Any:
-    grads, loss = samfunc.sam_grad(loss_fn, params, batch, rho=rho, adaptive=True)
-    updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
-    return samfunc.apply_updates(params, updates), opt_state, loss
+MODEL = cnn()
+# Everything that changes from step to step is a tensor: lr and rho schedules, the count.
+OPTIMIZER = samfunc.sgd(samfunc.cosine_decay_schedule(0.1, STEPS), momentum=0.9, weight_decay=5e-4)
+STEP = samfunc.make_module_train_step(
+    MODEL,
+    F.cross_entropy,
+    OPTIMIZER,
+    rho=samfunc.linear_schedule(0.02, 0.1, transition_steps=STEPS),
+    adaptive=lambda path, _: path.endswith("weight"),
+    eta=0.01,
+)
 
 
 @pytest.fixture(scope="module")
 def compiled_step() -> Any:
     torch._dynamo.reset()
-    return torch.compile(train_step, fullgraph=True)
+    return torch.compile(STEP, fullgraph=True)
 
 
-def test_compiled_sam_step_equals_eager_without_recompiles(compiled_step: Any) -> None:
-    params = {k: v.detach().clone() for k, v in MODEL.named_parameters()}
-    eager = (params, OPTIMIZER.init(params))
-    compiled = (params, OPTIMIZER.init(params))
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(16, 3, 8, 8, generator=generator),
+            torch.randint(0, 5, (16,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def test_compiled_module_step_equals_eager_without_recompiles(compiled_step: Any) -> None:
+    eager = compiled = samfunc.init_train_state(MODEL, OPTIMIZER)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for step in range(6):
-            batch = (
-                torch.randn(32, 10, generator=generator),
-                torch.randint(0, 3, (32,), generator=generator),
+        for batch in batches():
+            eager, eager_metrics = STEP(eager, batch)
+            compiled, compiled_metrics = compiled_step(compiled, batch)
+            assert compiled_metrics.loss.item() == pytest.approx(
+                eager_metrics.loss.item(), abs=1e-5
             )
-            rho = torch.tensor(0.05 + 0.01 * step)  # a rho schedule: a tensor, no recompile
-            *eager, eager_loss = train_step(*eager, batch, rho)
-            *compiled, compiled_loss = compiled_step(*compiled, batch, rho)
-            assert compiled_loss.item() == pytest.approx(eager_loss.item(), abs=1e-5)
+            assert compiled_metrics.rho.item() == pytest.approx(eager_metrics.rho.item())
+    assert int(compiled.step) == STEPS
+    assert max_abs_diff(eager.params, compiled.params) <= 1e-5
+    assert max_abs_diff(eager.buffers, compiled.buffers) <= 1e-5
+    assert max_abs_diff(eager.opt_state, compiled.opt_state) <= 1e-5
+
+
+def test_compiled_sam_grad_with_accumulation_equals_eager() -> None:
+    """sam_grad, an optimizer update and apply_updates, written by hand, compiled."""
+    params = samfunc.module_params(MODEL)
+    opt = samfunc.adamw(1e-3)
+
+    def loss_fn(p: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        MODEL.eval()  # a loss without buffer updates: eval-mode BatchNorm
+        return F.cross_entropy(torch.func.functional_call(MODEL, p, (x,)), y)
+
+    def train_step(p: Any, opt_state: Any, batch: Any, rho: torch.Tensor) -> Any:
+        grads, loss = samfunc.sam_grad(loss_fn, p, batch, rho=rho, accum_steps=2)
+        updates, opt_state = opt.update(grads, opt_state, p)
+        return samfunc.apply_updates(p, updates), opt_state, loss
+
+    compiled_fn = torch.compile(train_step, fullgraph=True)
+    eager = compiled = (params, opt.init(params))
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for i, batch in enumerate(batches()[:4]):
+                rho = torch.tensor(0.05 + 0.01 * i)
+                *eager, _ = train_step(*eager, batch, rho)
+                *compiled, _ = compiled_fn(*compiled, batch, rho)
+    finally:
+        MODEL.train()
     assert max_abs_diff(eager[0], compiled[0]) <= 1e-5
-    assert max_abs_diff(eager[1], compiled[1]) <= 1e-5
