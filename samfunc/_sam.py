@@ -29,13 +29,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Union, overload
+from typing import Any, Literal, NamedTuple, Union, overload
 
 import torch
-from torch.func import grad_and_value, vmap
+from torch.func import vmap
 
 from . import _tree
 from ._base import Params
+from ._grad import grad_and_value
 from ._tree import Mask, PyTree
 from ._validate import check_nonnegative, check_positive_int, check_rho
 
@@ -95,23 +96,29 @@ def _scale_leaves(
     return [s.to(leaf.dtype) for s, leaf in zip(scaled, leaves)]
 
 
-def _perturbation_leaves(
+class _Ascent(NamedTuple):
+    """``e = factor * directions`` (times a per-leaf rho, if given), not yet multiplied out."""
+
+    directions: list[torch.Tensor]
+    factor: Rho
+    leaf_rhos: list[float] | None
+
+
+def _ascent(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     rho: Rho | Sequence[float],
     adaptive: Sequence[bool],
     eta: float | Sequence[float],
     norm: Norm,
-    fused: bool = True,
-) -> list[torch.Tensor]:
-    """``e`` for matching lists of parameter and gradient leaves (the one formula).
+    fused: bool,
+) -> _Ascent:
+    """SAM's ascent step for matching lists of leaves: the one formula in samfunc.
 
     ``rho`` and ``eta`` are one value, or one float per leaf (the ``SAM``
     class's per-group options); the norm is global over all the leaves either
     way, as in the seed.
     """
-    if not params:
-        return []
     etas = [float(eta)] * len(params) if isinstance(eta, (float, int)) else list(eta)
     leaf_rhos: list[float] | None
     if isinstance(rho, (float, int, torch.Tensor)):
@@ -121,23 +128,72 @@ def _perturbation_leaves(
     scales = _asam_scales(params, adaptive, etas, fused)
     if norm == "inf":
         signs = torch._foreach_sign(list(grads)) if fused else [g.sign() for g in grads]
-        directions = _times(signs, scales, fused)
-        factor = radius
-    else:
-        scaled_grads = _times(grads, scales, fused)
-        directions = _times(scaled_grads, scales, fused)
-        if norm == "none":
-            factor = radius
-        else:
-            factor = radius / (_tree.global_norm(scaled_grads, fused=fused) + NORM_EPS)
-    e = _scale_leaves(directions, factor, fused)
-    if leaf_rhos is not None:
+        return _Ascent(_times(signs, scales, fused), radius, leaf_rhos)
+    scaled_grads = _times(grads, scales, fused)
+    directions = _times(scaled_grads, scales, fused)
+    if norm == "none":
+        return _Ascent(directions, radius, leaf_rhos)
+    factor = radius / (_tree.global_norm(scaled_grads, fused=fused) + NORM_EPS)
+    return _Ascent(directions, factor, leaf_rhos)
+
+
+def _perturbation_leaves(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    rho: Rho | Sequence[float],
+    adaptive: Sequence[bool],
+    eta: float | Sequence[float],
+    norm: Norm,
+    fused: bool = True,
+) -> list[torch.Tensor]:
+    """``e`` itself, for matching lists of parameter and gradient leaves."""
+    if not params:
+        return []
+    ascent = _ascent(params, grads, rho, adaptive, eta, norm, fused)
+    e = _scale_leaves(ascent.directions, ascent.factor, fused)
+    if ascent.leaf_rhos is not None:
         e = (
-            list(torch._foreach_mul(e, leaf_rhos))
+            list(torch._foreach_mul(e, ascent.leaf_rhos))
             if fused
-            else [x * r for x, r in zip(e, leaf_rhos)]
+            else [x * r for x, r in zip(e, ascent.leaf_rhos)]
         )
     return e
+
+
+def _as_python_scale(ascent: _Ascent, params: Sequence[torch.Tensor]) -> float | None:
+    """``factor`` as a Python float when reading it is free, else None.
+
+    Then ``w + factor * d`` is one fused op with no temporary ``e``: a float
+    factor always qualifies; a tensor one does in eager mode on the CPU, where
+    ``.item()`` does not synchronize with a device. 16-bit leaves keep the
+    float32 product of ``_scale_leaves``.
+    """
+    if ascent.leaf_rhos is not None or any(p.element_size() < 4 for p in params):
+        return None
+    factor = ascent.factor
+    if not isinstance(factor, torch.Tensor):
+        return float(factor)
+    if factor.device.type == "cpu" and not torch.compiler.is_compiling():
+        return float(factor.item())
+    return None
+
+
+def _perturbed_leaves(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    rho: Rho,
+    adaptive: Sequence[bool],
+    eta: float,
+    norm: Norm,
+    fused: bool,
+) -> list[torch.Tensor]:
+    """``w + e`` for matching lists of parameter and gradient leaves."""
+    ascent = _ascent(params, grads, rho, adaptive, eta, norm, fused)
+    scale = _as_python_scale(ascent, params) if fused else None
+    if scale is not None:
+        return list(torch._foreach_add(list(params), ascent.directions, alpha=scale))
+    e = _scale_leaves(ascent.directions, ascent.factor, fused)
+    return _tree.add_leaves(params, e, fused=fused)
 
 
 def _asam_scales(
@@ -263,7 +319,7 @@ def _perturb(
     selected = _tree.select(params, flags)
     if not selected:
         return params
-    e = _perturbation_leaves(
+    moved = _perturbed_leaves(
         selected,
         _tree.select(grads, flags),
         rho,
@@ -272,7 +328,7 @@ def _perturb(
         norm,
         fused,
     )
-    return _tree.merge(params, _tree.add_leaves(selected, e, fused=fused), flags)
+    return _tree.merge(params, moved, flags)
 
 
 def _check_params(params: Params) -> None:
@@ -682,7 +738,8 @@ def sam_grad(
 ) -> tuple[PyTree, Any]:
     """The sharpness-aware gradient ``grad L(w + e)`` and the loss at ``w``.
 
-    Two forward-backward passes through ``torch.func.grad_and_value``: one at
+    Two forward-backward passes through ``torch.func.grad_and_value`` (plain
+    autograd in eager mode when that gives the same first-order result): one at
     ``w`` to get ``e`` (see ``perturbation``), one at ``w + e``. Nothing is
     mutated; the caller applies the returned gradient to the original ``w``.
 

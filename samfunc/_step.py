@@ -26,10 +26,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Union
 
 import torch
-from torch.func import grad_and_value
 
 from . import _tree
 from ._base import GradientTransformation, OptState, Schedule
+from ._grad import grad_and_value
 from ._module import ModuleAux, mean_over_parts, module_loss, module_state
 from ._sam import Norm, _Options, sam_grad
 from ._transform import init_count

@@ -204,7 +204,7 @@ def trace(
         buffers = _tree.leaves(state.momentum_buffer)
         if dampening == 0.0:
             # With a zero initial buffer, decay * 0 + g is exactly g: no branch needed.
-            new_buffers = torch._foreach_add(torch._foreach_mul(buffers, decay), grads)
+            new_buffers = torch._foreach_add(grads, buffers, alpha=decay)
         else:
             later = torch._foreach_add(
                 torch._foreach_mul(buffers, decay), grads, alpha=1.0 - dampening

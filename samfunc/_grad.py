@@ -1,0 +1,77 @@
+"""First-order gradients: ``torch.func.grad_and_value``, with a plain-autograd fast path.
+
+``torch.func.grad`` always builds a graph for higher-order derivatives
+(``create_graph=True``), which costs 4-7% per pass in eager mode (measured on
+an MLP, a Wide-ResNet and a Transformer: ``benchmarks/step_time.py``). When
+nothing needs that graph (eager, no function transform active, no parameter
+that itself requires grad) the same gradient comes from
+``torch.autograd.grad`` on detached leaves. Under ``torch.compile``, inside
+``vmap``/``grad``, or for parameters that are part of an outer graph,
+``torch.func.grad_and_value`` runs, so samfunc composes as before.
+
+Example:
+    >>> import torch
+    >>> grad_fn = grad_and_value(lambda p, b: (p["w"] * b).sum())
+    >>> grads, loss = grad_fn({"w": torch.ones(2)}, torch.tensor([1.0, 2.0]))
+    >>> grads["w"]
+    tensor([1., 2.])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.func
+
+from . import _tree
+from ._tree import PyTree
+
+__all__ = ["grad_and_value"]
+
+
+def _plain_autograd_is_exact(params: PyTree) -> bool:
+    """True when ``torch.autograd.grad`` gives exactly what ``torch.func`` would."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.maybe_current_level() is not None:
+        return False
+    return not any(leaf.requires_grad for leaf in _tree.leaves(params))
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+def _autograd_grad_and_value(
+    loss_fn: Callable[..., Any], params: PyTree, batch: Any, has_aux: bool
+) -> tuple[PyTree, Any]:
+    leaves, spec = _tree.flatten(params)
+    with torch.enable_grad():
+        inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
+        out = loss_fn(_tree.unflatten(inputs, spec), batch)
+        loss = out[0] if has_aux else out
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    filled = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    value = (loss.detach(), _tree.tree_map(_detach, out[1])) if has_aux else loss.detach()
+    return _tree.unflatten(filled, spec), value
+
+
+def grad_and_value(
+    loss_fn: Callable[..., Any], has_aux: bool = False
+) -> Callable[[PyTree, Any], tuple[PyTree, Any]]:
+    """``torch.func.grad_and_value(loss_fn, argnums=0, has_aux)``, first order, faster eager.
+
+    Returns ``f(params, batch) -> (grads, value)`` where ``value`` is the loss,
+    or ``(loss, aux)`` with ``has_aux``; both are detached.
+    """
+    func_version = torch.func.grad_and_value(loss_fn, has_aux=has_aux)
+
+    def run(params: PyTree, batch: Any) -> tuple[PyTree, Any]:
+        if _plain_autograd_is_exact(params):
+            return _autograd_grad_and_value(loss_fn, params, batch, has_aux)
+        result: tuple[PyTree, Any] = func_version(params, batch)
+        return result
+
+    return run

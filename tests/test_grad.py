@@ -1,0 +1,55 @@
+"""The autograd fast path gives exactly torch.func's first-order gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import samfunc
+from samfunc._grad import grad_and_value
+
+from .helpers import assert_trees_equal
+from .strategies import pytrees
+
+
+def loss_fn(params: Any, batch: torch.Tensor) -> torch.Tensor:
+    leaves = samfunc._tree.leaves(params)
+    return (
+        sum((torch.tanh(leaf) * batch).sum() ** 2 for leaf in leaves[:-1]) + leaves[-1].sum() * 0.0
+    )
+
+
+def loss_with_aux(params: Any, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = loss_fn(params, batch)
+    return loss, {"loss": loss, "first": samfunc._tree.leaves(params)[0] * 2}
+
+
+@given(params=pytrees(dtype=torch.float64), scale=st.floats(0.1, 2.0), has_aux=st.booleans())
+def test_fast_path_equals_torch_func(params: Any, scale: float, has_aux: bool) -> None:
+    batch = torch.tensor(scale, dtype=torch.float64)
+    fn = loss_with_aux if has_aux else loss_fn
+    fast = grad_and_value(fn, has_aux=has_aux)(params, batch)
+    reference = torch.func.grad_and_value(fn, has_aux=has_aux)(params, batch)
+    assert_trees_equal(reference, fast)
+    for leaf in samfunc._tree.leaves(fast):
+        assert not leaf.requires_grad  # values and aux come back detached
+
+
+def test_parameters_in_an_outer_graph_keep_it() -> None:
+    w = torch.tensor([0.5, -1.0], requires_grad=True)
+    grads, _ = samfunc.sam_grad(lambda p, b: (p["w"] ** 3).sum(), {"w": w}, None, rho=0.1)
+    (second,) = torch.autograd.grad(grads["w"].sum(), w)  # differentiates through SAM
+    assert torch.isfinite(second).all() and second.abs().sum() > 0
+
+
+def test_inside_a_function_transform_torch_func_runs() -> None:
+    def per_example(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        grads, _ = grad_and_value(lambda p, b: (p * b).pow(2).sum())(w, x)
+        return grads
+
+    w, xs = torch.ones(3), torch.randn(4, 3)
+    batched = torch.func.vmap(per_example, in_dims=(None, 0))(w, xs)
+    torch.testing.assert_close(batched, 2 * w * xs**2)
