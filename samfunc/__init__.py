@@ -43,6 +43,15 @@ from ._schedule import linear_schedule as linear_schedule
 from ._schedule import multistep_schedule as multistep_schedule
 from ._schedule import step_schedule as step_schedule
 from ._schedule import warmup_cosine_decay_schedule as warmup_cosine_decay_schedule
+from ._sharpness import HessianTrace as HessianTrace
+from ._sharpness import Sharpness as Sharpness
+from ._sharpness import hessian_trace as hessian_trace
+from ._sharpness import hessian_vector_product as hessian_vector_product
+from ._sharpness import loss_landscape_1d as loss_landscape_1d
+from ._sharpness import loss_landscape_2d as loss_landscape_2d
+from ._sharpness import random_direction as random_direction
+from ._sharpness import top_hessian_eigenvalue as top_hessian_eigenvalue
+from ._sharpness import worst_case_loss as worst_case_loss
 from ._step import StepMetrics as StepMetrics
 from ._step import TrainState as TrainState
 from ._step import init_train_state as init_train_state
@@ -68,6 +77,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
+    "HessianTrace",
+    "Sharpness",
+    "hessian_trace",
+    "hessian_vector_product",
+    "loss_landscape_1d",
+    "loss_landscape_2d",
+    "random_direction",
+    "top_hessian_eigenvalue",
+    "worst_case_loss",
     "StepMetrics",
     "TrainState",
     "init_train_state",

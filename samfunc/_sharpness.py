@@ -1,0 +1,317 @@
+"""Tools to measure sharpness: worst-case loss, Hessian spectrum and trace, loss landscapes.
+
+All take a ``loss_fn(params, batch)`` as ``sam_grad`` does (``has_aux=True``
+for one that returns ``(loss, aux)``, such as ``module_loss``), and use
+``torch.func`` throughout: Hessian-vector products are forward-over-reverse,
+``jvp`` of ``grad``, and never form the Hessian. For a model with BatchNorm,
+measure in eval mode (``model.eval()``) so the loss is a function of the
+weights alone.
+
+Example:
+    >>> import torch
+    >>> import samfunc
+    >>> a = torch.diag(torch.tensor([3.0, 1.0]))
+    >>> loss_fn = lambda p, batch: 0.5 * p["w"] @ batch @ p["w"]
+    >>> value, _ = samfunc.top_hessian_eigenvalue(loss_fn, {"w": torch.ones(2)}, a)
+    >>> round(float(value), 3)
+    3.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch.func import grad, jvp
+
+from . import _tree
+from ._grad import grad_and_value
+from ._sam import _split_batch, perturbation
+from ._tree import PyTree
+from ._validate import check_nonnegative, check_positive, check_positive_int
+
+__all__ = [
+    "Sharpness",
+    "HessianTrace",
+    "hessian_vector_product",
+    "worst_case_loss",
+    "top_hessian_eigenvalue",
+    "hessian_trace",
+    "random_direction",
+    "loss_landscape_1d",
+    "loss_landscape_2d",
+]
+
+LossFn = Callable[..., Any]
+
+
+def _loss_only(loss_fn: LossFn, has_aux: bool) -> Callable[[PyTree, Any], torch.Tensor]:
+    if not has_aux:
+        return loss_fn
+
+    def loss(params: PyTree, batch: Any) -> torch.Tensor:
+        value: torch.Tensor = loss_fn(params, batch)[0]
+        return value
+
+    return loss
+
+
+def _dot(a: PyTree, b: PyTree) -> torch.Tensor:
+    """Inner product of two trees, accumulated in float64."""
+    return torch.stack(
+        [(x.double() * y.double()).sum() for x, y in zip(_tree.leaves(a), _tree.leaves(b))]
+    ).sum()
+
+
+def _random_like(params: PyTree, generator: torch.Generator, rademacher: bool = False) -> PyTree:
+    def draw(leaf: torch.Tensor) -> torch.Tensor:
+        sample = torch.randn(leaf.shape, generator=generator, dtype=torch.float64)
+        if rademacher:
+            sample = torch.sign(sample)
+        return sample.to(device=leaf.device, dtype=leaf.dtype)
+
+    return _tree.tree_map(draw, params)
+
+
+def hessian_vector_product(
+    loss_fn: LossFn, params: PyTree, batch: Any, vector: PyTree, *, has_aux: bool = False
+) -> PyTree:
+    """``H v``, the Hessian of the loss at ``params`` times ``vector`` (a tree like params).
+
+    Forward-over-reverse: ``jvp`` of ``grad``, one forward and one backward pass
+    with dual numbers; the Hessian is never formed.
+
+    Example:
+        >>> import torch
+        >>> hvp = hessian_vector_product(
+        ...     lambda p, b: (p ** 3).sum(), torch.tensor([1.0, 2.0]), None, torch.ones(2)
+        ... )
+        >>> hvp
+        tensor([ 6., 12.])
+    """
+    _tree.check_same_structure(params, vector, "params", "vector")
+    loss = _loss_only(loss_fn, has_aux)
+    outputs = jvp(lambda p: grad(loss)(p, batch), (params,), (vector,))
+    return outputs[1]
+
+
+class Sharpness(NamedTuple):
+    """Result of ``worst_case_loss``.
+
+    Attributes:
+        loss: the loss at ``w``.
+        worst_loss: the largest loss found in the rho-ball around ``w``.
+        sharpness: ``worst_loss - loss``.
+    """
+
+    loss: torch.Tensor
+    worst_loss: torch.Tensor
+    sharpness: torch.Tensor
+
+
+def _ascend(
+    loss: Callable[[PyTree, Any], torch.Tensor],
+    params: PyTree,
+    batch: Any,
+    rho: float,
+    steps: int,
+    step_size: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected normalized-gradient ascent on ``L(w + e)`` over ``||e|| <= rho``."""
+    grad_fn = grad_and_value(loss)
+    grads, value = grad_fn(params, batch)
+    e = _tree.zeros_like(params)
+    worst = value
+    for _ in range(steps):
+        e = _tree.add_scaled(e, perturbation(params, grads, step_size), 1.0)
+        norm = _tree.global_norm(e)
+        e = _tree.scale(e, torch.clamp(rho / (norm + 1e-12), max=1.0))
+        grads, moved_loss = grad_fn(_tree.add_scaled(params, e, 1.0), batch)
+        worst = torch.maximum(worst, moved_loss)
+    return value, worst
+
+
+def worst_case_loss(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    rho: float = 0.05,
+    *,
+    steps: int = 1,
+    step_size: float | None = None,
+    num_chunks: int = 1,
+    has_aux: bool = False,
+) -> Sharpness:
+    """The worst loss within an L2 ball of radius ``rho`` around ``params`` (m-sharpness).
+
+    Ascends ``L(w + e)`` by ``steps`` normalized-gradient steps of size
+    ``step_size`` (default ``rho``, so one step is SAM's own ``e``), projecting
+    back into the ball after each, and keeps the largest loss met. With ``num_chunks``, each
+    chunk of the batch gets its own ``e`` and the results are averaged: the
+    paper's m-sharpness with ``m = batch size / num_chunks``.
+
+    Example:
+        >>> import torch
+        >>> loss_fn = lambda p, b: 0.5 * (p ** 2).sum()
+        >>> result = worst_case_loss(loss_fn, torch.tensor([3.0, 4.0]), None, rho=1.0)
+        >>> float(result.worst_loss)  # 0.5 * (5 + 1) ** 2
+        18.0
+    """
+    rho = check_nonnegative("rho", rho)
+    steps = check_positive_int("steps", steps)
+    size = rho if step_size is None else check_positive("step_size", step_size)
+    num_chunks = check_positive_int("num_chunks", num_chunks)
+    loss = _loss_only(loss_fn, has_aux)
+    parts = [batch] if num_chunks == 1 else _split_batch(batch, num_chunks, "num_chunks")
+    results = [_ascend(loss, params, part, rho, steps, size) for part in parts]
+    value = torch.stack([v for v, _ in results]).mean()
+    worst = torch.stack([w for _, w in results]).mean()
+    return Sharpness(loss=value, worst_loss=worst, sharpness=worst - value)
+
+
+def top_hessian_eigenvalue(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    iters: int = 50,
+    tol: float = 1e-4,
+    seed: int = 0,
+    has_aux: bool = False,
+) -> tuple[torch.Tensor, PyTree]:
+    """The Hessian eigenvalue of largest magnitude, by power iteration on ``H v``.
+
+    Near a minimum this is the top (sharpest) eigenvalue. Stops after ``iters``
+    products or when the estimate changes by less than ``tol`` (relative).
+
+    Returns:
+        ``(eigenvalue, eigenvector)``: a float64 0-d tensor and a unit-norm
+        tree like ``params``.
+    """
+    iters = check_positive_int("iters", iters)
+    tol = check_positive("tol", tol)
+    generator = torch.Generator().manual_seed(seed)
+    vector = _random_like(params, generator)
+    vector = _tree.scale(vector, 1.0 / float(_tree.global_norm(vector)))
+    eigenvalue = torch.zeros((), dtype=torch.float64)
+    for _ in range(iters):
+        product = hessian_vector_product(loss_fn, params, batch, vector, has_aux=has_aux)
+        estimate = _dot(vector, product)
+        norm = float(_tree.global_norm(product))
+        if norm == 0.0:
+            return estimate, vector
+        vector = _tree.scale(product, 1.0 / norm)
+        converged = abs(float(estimate - eigenvalue)) <= tol * max(abs(float(estimate)), 1e-12)
+        eigenvalue = estimate
+        if converged:
+            break
+    return eigenvalue, vector
+
+
+class HessianTrace(NamedTuple):
+    """Result of ``hessian_trace``: the estimate and its standard error."""
+
+    trace: torch.Tensor
+    standard_error: torch.Tensor
+
+
+def hessian_trace(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    samples: int = 100,
+    seed: int = 0,
+    has_aux: bool = False,
+) -> HessianTrace:
+    """Hutchinson's estimate of ``tr(H)``: the mean of ``v^T H v`` over Rademacher ``v``.
+
+    Exact for a diagonal Hessian; otherwise unbiased, with the standard error
+    reported next to it.
+    """
+    samples = check_positive_int("samples", samples)
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(samples):
+        v = _random_like(params, generator, rademacher=True)
+        values.append(_dot(v, hessian_vector_product(loss_fn, params, batch, v, has_aux=has_aux)))
+    stacked = torch.stack(values)
+    error = (
+        stacked.std() / math.sqrt(samples) if samples > 1 else torch.zeros((), dtype=torch.float64)
+    )
+    return HessianTrace(trace=stacked.mean(), standard_error=error)
+
+
+def random_direction(
+    params: PyTree,
+    *,
+    seed: int = 0,
+    filter_normalize: bool = True,
+    ignore_1d: bool = True,
+) -> PyTree:
+    """A random direction for loss-landscape plots (Li et al., NeurIPS 2018).
+
+    Gaussian, and with ``filter_normalize`` each filter (slice along dim 0) of a
+    leaf is rescaled to the norm of the matching filter of ``params``, so the
+    plot does not depend on the weights' scale. With ``ignore_1d``, leaves of
+    at most one dimension (biases, normalization parameters) get zero, as in
+    the paper.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    direction = _random_like(params, generator)
+
+    def normalize(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if w.ndim <= 1:
+            return torch.zeros_like(d) if ignore_1d else d * (w.norm() / (d.norm() + 1e-10))
+        if not filter_normalize:
+            return d
+        d_norms = d.reshape(d.shape[0], -1).norm(dim=1)
+        w_norms = w.reshape(w.shape[0], -1).norm(dim=1)
+        ratio: torch.Tensor = (w_norms / (d_norms + 1e-10)).reshape(-1, *([1] * (d.ndim - 1)))
+        return d * ratio
+
+    normalized: PyTree = _tree.tree_map(normalize, direction, params)
+    return normalized
+
+
+@torch.no_grad()
+def loss_landscape_1d(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    direction: PyTree,
+    alphas: Sequence[float] | torch.Tensor,
+    *,
+    has_aux: bool = False,
+) -> torch.Tensor:
+    """``L(w + alpha d)`` for each ``alpha``: a 1-D slice of the loss landscape."""
+    _tree.check_same_structure(params, direction, "params", "direction")
+    loss = _loss_only(loss_fn, has_aux)
+    values = [loss(_tree.add_scaled(params, direction, float(a)), batch) for a in alphas]
+    return torch.stack([v.detach().double() for v in values])
+
+
+@torch.no_grad()
+def loss_landscape_2d(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    directions: tuple[PyTree, PyTree],
+    alphas: Sequence[float] | torch.Tensor,
+    betas: Sequence[float] | torch.Tensor,
+    *,
+    has_aux: bool = False,
+) -> torch.Tensor:
+    """``L(w + alpha d1 + beta d2)`` on the grid: rows follow ``alphas``, columns ``betas``."""
+    first, second = directions
+    _tree.check_same_structure(params, first, "params", "directions[0]")
+    _tree.check_same_structure(params, second, "params", "directions[1]")
+    loss = _loss_only(loss_fn, has_aux)
+    rows = []
+    for a in alphas:
+        shifted = _tree.add_scaled(params, first, float(a))
+        row = [loss(_tree.add_scaled(shifted, second, float(b)), batch) for b in betas]
+        rows.append(torch.stack([v.detach().double() for v in row]))
+    return torch.stack(rows)

@@ -1,0 +1,189 @@
+"""Training runs for the demo: SGD, SAM and ASAM through samfunc's functional path."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+import samfunc
+from samfunc.models import WideResNet
+
+from .data import Dataset
+
+F = nn.functional
+
+
+class Method(NamedTuple):
+    """An optimizer to compare: plain SGD (``sam=False``), SAM or ASAM."""
+
+    name: str
+    sam: bool
+    rho: float = 0.0
+    adaptive: bool = False
+
+
+class Settings(NamedTuple):
+    """Hyperparameters shared by every run."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    model: str
+    device: str
+    compile: bool
+    progress: bool
+
+
+class RunResult(NamedTuple):
+    """One trained model and what was measured on it."""
+
+    method: str
+    seed: int
+    test_accuracy: float
+    train_loss: float
+    top_eigenvalue: float
+    seconds_per_epoch: float
+    test_curve: list[float]
+    loss_curve: list[float]
+    state: samfunc.TrainState
+
+
+def make_model(kind: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``mlp`` (with BatchNorm) for flat inputs, ``wrn`` (WRN-16-2) for images, or ``auto``."""
+    if kind == "auto":
+        kind = "wrn" if len(input_shape) == 3 else "mlp"
+    if kind == "wrn":
+        if len(input_shape) != 3:
+            raise ValueError(f"--model wrn needs image inputs (C, H, W), got shape {input_shape}")
+        return WideResNet(16, 2, num_classes, in_channels=input_shape[0])
+    if kind == "mlp":
+        features = 1
+        for size in input_shape:
+            features *= size
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(features, 128),
+            nn.BatchNorm1d(128),
+            nn.ReLU(),
+            nn.Linear(128, 128),
+            nn.BatchNorm1d(128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+    raise ValueError(f"--model must be auto, mlp or wrn, got {kind!r}")
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, state: samfunc.TrainState, x: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
+    """Logits in eval mode (BatchNorm uses the running statistics in ``state``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = [
+            torch.func.functional_call(
+                model, (state.params, state.buffers), (x[i : i + batch_size],)
+            )
+            for i in range(0, len(x), batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs)
+
+
+def accuracy(
+    model: nn.Module, state: samfunc.TrainState, x: torch.Tensor, y: torch.Tensor
+) -> float:
+    """Fraction of ``x`` whose predicted class is ``y``."""
+    return (predict(model, state, x).argmax(1) == y).float().mean().item()
+
+
+def eval_loss_fn(model: nn.Module, state: samfunc.TrainState) -> Callable[[Any, Any], torch.Tensor]:
+    """The training loss as a function of the weights alone (eval-mode BatchNorm)."""
+
+    def loss_fn(params: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        out = torch.func.functional_call(model, (params, state.buffers), (x,))
+        return F.cross_entropy(out, y)
+
+    return loss_fn
+
+
+def top_eigenvalue(
+    model: nn.Module, state: samfunc.TrainState, data: Dataset, iters: int = 20
+) -> float:
+    """Top Hessian eigenvalue of the training loss at the trained weights (eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        value, _ = samfunc.top_hessian_eigenvalue(
+            eval_loss_fn(model, state),
+            state.params,
+            (data.x_train, data.y_train),
+            iters=iters,
+            tol=1e-3,
+        )
+    finally:
+        model.train(was_training)
+    return float(value)
+
+
+def train_run(
+    data: Dataset, method: Method, seed: int, settings: Settings
+) -> tuple[nn.Module, RunResult]:
+    """Trains one model with one method from one seed; returns it and its measurements."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(settings.device)
+    torch.manual_seed(seed)
+    model = make_model(settings.model, tuple(data.x_train.shape[1:]), data.num_classes).to(device)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    steps_per_epoch = max(1, len(x_train) // settings.batch_size)
+    schedule = samfunc.cosine_decay_schedule(settings.lr, settings.epochs * steps_per_epoch)
+    optimizer = samfunc.sgd(schedule, settings.momentum, weight_decay=settings.weight_decay)
+    step = samfunc.make_module_train_step(
+        model, F.cross_entropy, optimizer, sam=method.sam, rho=method.rho, adaptive=method.adaptive
+    )
+    if settings.compile:
+        step = torch.compile(step, fullgraph=True)
+    state = samfunc.init_train_state(model, optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    test_curve, loss_curve, epoch_times = [], [], []
+    bar = tqdm(
+        range(settings.epochs),
+        desc=f"{method.name:>4} seed {seed}",
+        disable=not settings.progress,
+        leave=False,
+    )
+    for _ in bar:
+        started = time.perf_counter()
+        order = torch.randperm(len(x_train), generator=generator).to(device)
+        losses = []
+        for i in range(steps_per_epoch):
+            index = order[i * settings.batch_size : (i + 1) * settings.batch_size]
+            state, metrics = step(state, (x_train[index], y_train[index]))
+            losses.append(metrics.loss)
+        loss_curve.append(torch.stack(losses).mean().item())
+        epoch_times.append(time.perf_counter() - started)
+        test_curve.append(accuracy(model, state, x_test, y_test))
+        bar.set_postfix(loss=f"{loss_curve[-1]:.3f}", test_acc=f"{test_curve[-1]:.3f}")
+    result = RunResult(
+        method=method.name,
+        seed=seed,
+        test_accuracy=test_curve[-1],
+        train_loss=loss_curve[-1],
+        top_eigenvalue=top_eigenvalue(model, state, data),
+        seconds_per_epoch=sum(epoch_times[1:] or epoch_times) / len(epoch_times[1:] or epoch_times),
+        test_curve=test_curve,
+        loss_curve=loss_curve,
+        state=state,
+    )
+    return model, result
