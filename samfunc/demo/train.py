@@ -139,7 +139,7 @@ def train_run(
     data: Dataset, method: Method, seed: int, settings: Settings
 ) -> tuple[nn.Module, RunResult]:
     """Trains one model with one method from one seed; returns it and its measurements."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     device = torch.device(settings.device)
     torch.manual_seed(seed)
