@@ -431,6 +431,7 @@ class _Options:
         num_chunks: int,
         accum_steps: int,
         reuse_rng: bool = False,
+        vectorize_chunks: bool = True,
     ) -> None:
         self.rho = check_rho(rho)
         self.eta = check_nonnegative("eta", eta)
@@ -440,6 +441,7 @@ class _Options:
         self.num_chunks = check_positive_int("num_chunks", num_chunks)
         self.accum_steps = check_positive_int("accum_steps", accum_steps)
         self.reuse_rng = bool(reuse_rng)
+        self.vectorize_chunks = bool(vectorize_chunks)
         if self.num_chunks > 1 and self.accum_steps > 1:
             raise ValueError(
                 "num_chunks and accum_steps cannot both be > 1, "
@@ -646,21 +648,30 @@ def sam_grad_and_value(
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    options = _Options(rho, adaptive, eta, norm, mask, num_chunks, accum_steps, reuse_rng)
+    options = _Options(
+        rho, adaptive, eta, norm, mask, num_chunks, accum_steps, reuse_rng, vectorize_chunks
+    )
+
+    def sam_fn(params: Params, batch: Batch, rho: Rho | None = None) -> tuple[PyTree, Any]:
+        radius = options.rho if rho is None else check_rho(rho)
+        return _run(loss_fn, params, batch, options, radius, has_aux)
+
+    return sam_fn
+
+
+def _run(
+    loss_fn: LossFn, params: Params, batch: Batch, options: _Options, rho: Rho, has_aux: bool
+) -> tuple[PyTree, Any]:
+    """``sam_grad`` with options validated beforehand (the train-step builders call this)."""
+    _check_params(params)
     checked_loss = _scalar_loss(loss_fn, has_aux)
     if options.num_chunks > 1:
-        implementation = _sam_chunked if vectorize_chunks else _sam_chunk_loop
+        implementation = _sam_chunked if options.vectorize_chunks else _sam_chunk_loop
     elif options.accum_steps > 1:
         implementation = _sam_accumulated
     else:
         implementation = _sam_single
-
-    def sam_fn(params: Params, batch: Batch, rho: Rho | None = None) -> tuple[PyTree, Any]:
-        _check_params(params)
-        radius = options.rho if rho is None else check_rho(rho)
-        return implementation(checked_loss, params, batch, options, radius, has_aux)
-
-    return sam_fn
+    return implementation(checked_loss, params, batch, options, rho, has_aux)
 
 
 @overload

@@ -31,7 +31,7 @@ from . import _tree
 from ._base import GradientTransformation, OptState, Schedule
 from ._grad import grad_and_value
 from ._module import ModuleAux, mean_over_parts, module_loss, module_state
-from ._sam import Norm, _Options, sam_grad
+from ._sam import Norm, _Options, _run
 from ._transform import init_count
 from ._tree import Mask, PyTree
 from ._update import apply_updates
@@ -121,13 +121,16 @@ def _rho_at(rho: RhoOrSchedule, step: torch.Tensor) -> tuple[float | torch.Tenso
     if callable(rho):
         value = rho(step)
         return value, value
-    return rho, torch.full((), rho, dtype=torch.float32, device=step.device)
+    # ones * rho, not torch.full: under torch.compile a float that became symbolic
+    # (it changed between compilations) was baked into torch.full's output as a
+    # constant (torch 2.13), so the metric went stale while the maths stayed right.
+    return rho, torch.ones((), dtype=torch.float32, device=step.device) * rho
 
 
 class _SamSettings(NamedTuple):
     sam: bool
     rho: RhoOrSchedule
-    options: dict[str, Any]
+    options: _Options
 
 
 def _settings(
@@ -141,16 +144,10 @@ def _settings(
     accum_steps: int,
     vectorize_chunks: bool,
 ) -> _SamSettings:
+    """Checks every option once, when the step is built, never inside it."""
     rho = _check_rho(rho)
-    _Options(0.0, adaptive, eta, norm, mask, num_chunks, accum_steps)  # validates now
-    options = dict(
-        adaptive=adaptive,
-        eta=eta,
-        norm=norm,
-        mask=mask,
-        num_chunks=num_chunks,
-        accum_steps=accum_steps,
-        vectorize_chunks=vectorize_chunks,
+    options = _Options(
+        0.0, adaptive, eta, norm, mask, num_chunks, accum_steps, vectorize_chunks=vectorize_chunks
     )
     return _SamSettings(sam=bool(sam), rho=rho, options=options)
 
@@ -164,7 +161,7 @@ def _gradient(
     has_aux: bool,
 ) -> tuple[PyTree, Any]:
     if settings.sam:
-        return sam_grad(loss_fn, params, batch, rho=rho, has_aux=has_aux, **settings.options)
+        return _run(loss_fn, params, batch, settings.options, rho, has_aux)
     result: tuple[PyTree, Any] = grad_and_value(loss_fn, has_aux=has_aux)(params, batch)
     return result
 

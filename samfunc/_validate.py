@@ -25,9 +25,11 @@ def check_number(name: str, value: Any) -> float:
     """Returns ``value`` as a float; raises if it is not a finite real number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value):
+    # Comparisons rather than math.isfinite: under torch.compile a float can be
+    # symbolic, and comparisons on it are traceable.
+    if value != value or value in (math.inf, -math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return value if torch.compiler.is_compiling() else float(value)
 
 
 def check_nonnegative(name: str, value: Any) -> float:

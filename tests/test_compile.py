@@ -103,3 +103,21 @@ def test_compiled_sam_grad_with_accumulation_equals_eager() -> None:
     finally:
         MODEL.train()
     assert max_abs_diff(eager[0], compiled[0]) <= 1e-5
+
+
+def test_steps_built_with_different_float_rhos_compile() -> None:
+    """Dynamo turns a float that changed between compilations of one code object into a
+    symbolic float; validation and the perturbation must still trace (the demo's --compile)."""
+    opt = samfunc.sgd(0.1)
+
+    def loss_fn(p: Any, batch: torch.Tensor) -> torch.Tensor:
+        return ((p["w"] * batch) ** 2).sum()
+
+    params = {"w": torch.tensor([1.0, -2.0])}
+    for rho in (0.1, 0.2, 0.3):
+        step = samfunc.make_train_step(loss_fn, opt, rho=rho)
+        state = samfunc.init_train_state(params, opt)
+        compiled_state, compiled_metrics = torch.compile(step, fullgraph=True)(state, torch.ones(2))
+        eager_state, _ = step(state, torch.ones(2))
+        assert compiled_metrics.rho.item() == pytest.approx(rho)
+        assert max_abs_diff(eager_state.params, compiled_state.params) <= 1e-6

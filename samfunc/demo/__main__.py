@@ -35,13 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--noise", type=float, default=0.4, help="symmetric label-noise rate (default 0.4)"
     )
-    parser.add_argument("--rho", type=float, default=0.1, help="SAM radius (default 0.1)")
-    parser.add_argument("--asam-rho", type=float, default=1.0, help="ASAM radius (default 1.0)")
+    parser.add_argument("--rho", type=float, default=0.2, help="SAM radius (default 0.2)")
+    parser.add_argument("--asam-rho", type=float, default=2.0, help="ASAM radius (default 2.0)")
     parser.add_argument(
-        "--epochs", type=int, default=None, help="epochs per run (default 60, quick 25)"
+        "--epochs", type=int, default=None, help="epochs per run (default 30, quick 20)"
     )
     parser.add_argument(
-        "--seeds", type=int, default=None, help="seeds per method (default 3, quick 2)"
+        "--seeds", type=int, default=None, help="seeds per method (default 5, quick 2)"
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine decay)")
