@@ -564,7 +564,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
         for a, b, bound, text, only in TARGETS:
             if a in times and b in times and only in (None, model):
                 ratio = times[a]["median_ms"] / times[b]["median_ms"]
-                verdict = "met" if ratio <= bound else f"missed by {100 * (ratio / bound - 1):.0f}%"
+                verdict = "met" if ratio <= bound else f"missed by {100 * (ratio / bound - 1):.1f}%"
                 lines.append(f"- {text}: {ratio:.3f} ({verdict})")
         lines.append("")
     return "\n".join(lines)
@@ -587,7 +587,15 @@ def main() -> None:
     parser.add_argument(
         "--child-time", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--render", type=Path, help="rewrite the .md of a results .json; measure nothing"
+    )
     args = parser.parse_args()
+
+    if args.render:
+        results = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(results, results["command"]) + "\n")
+        return
 
     if args.child:
         print(json.dumps(child_memory(*args.child, args.device, args.bf16, args.steps)))

@@ -265,17 +265,19 @@ def perturbation(
         >>> e["w"]
         tensor([0.3000, 0.4000])
     """
-    rho = check_rho(rho)
-    eta = check_nonnegative("eta", eta)
-    norm = _check_norm(norm)
+    options = _Options(rho, adaptive, eta, norm, mask, num_chunks=1, accum_steps=1)
     _tree.check_same_structure(params, grads, "params", "grads")
-    flags = _flags(mask, params, "mask")
-    adaptive_flags = _tree.select(_adaptive_flags(adaptive, params), flags)
+    flags = _flags(options.mask, params, "mask")
+    adaptive_flags = _tree.select(_adaptive_flags(options.adaptive, params), flags)
     e_selected = _perturbation_leaves(
-        _tree.select(params, flags), _tree.select(grads, flags), rho, adaptive_flags, eta, norm
+        _tree.select(params, flags),
+        _tree.select(grads, flags),
+        options.rho,
+        adaptive_flags,
+        options.eta,
+        options.norm,
     )
-    zeros = [torch.zeros_like(p) for p in _tree.leaves(params)]
-    return _tree.merge(_tree.unflatten(zeros, _tree.flatten(params)[1]), e_selected, flags)
+    return _tree.merge(_tree.zeros_like(params), e_selected, flags)
 
 
 def perturbed_params(
@@ -290,7 +292,7 @@ def perturbed_params(
 ) -> Params:
     """Returns ``params + perturbation(params, grads, ...)``, new tensors only.
 
-    Leaves the mask leaves out are returned as the very same tensor objects.
+    Leaves that ``mask`` leaves out come back as they are (the same tensor objects).
 
     Example:
         >>> import torch
@@ -298,12 +300,9 @@ def perturbed_params(
         >>> perturbed_params(w, w, 5.0)["w"]
         tensor([6., 8.])
     """
-    rho = check_rho(rho)
-    eta = check_nonnegative("eta", eta)
-    norm = _check_norm(norm)
+    options = _Options(rho, adaptive, eta, norm, mask, num_chunks=1, accum_steps=1)
     _tree.check_same_structure(params, grads, "params", "grads")
-    flags = _flags(mask, params, "mask")
-    return _perturb(params, grads, rho, _adaptive_flags(adaptive, params), eta, norm, flags)
+    return options.perturb(params, grads, options.rho)
 
 
 def _perturb(

@@ -81,6 +81,12 @@ def init_count(params: Params) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
+def _empty_init(params: Params) -> EmptyState:
+    """The ``init`` of every stateless transformation."""
+    del params
+    return EmptyState()
+
+
 def _scalar_dtype(device: torch.device) -> torch.dtype:
     """The most precise float dtype for per-step scalars on ``device``."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -89,17 +95,13 @@ def _scalar_dtype(device: torch.device) -> torch.dtype:
 def identity() -> GradientTransformation:
     """Returns updates unchanged."""
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
     def update(
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         del params
         return updates, state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_empty_init, update)
 
 
 def scale(step_size: float) -> GradientTransformation:
@@ -113,17 +115,13 @@ def scale(step_size: float) -> GradientTransformation:
     """
     step_size = check_number("step_size", step_size)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
     def update(
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         del params
         return _tree.scale(updates, step_size), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_empty_init, update)
 
 
 def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
@@ -269,10 +267,6 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     """
     weight_decay = check_nonnegative("weight_decay", weight_decay)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
     def update(
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
@@ -284,7 +278,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
             )
         return _tree.add_scaled(updates, params, weight_decay), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_empty_init, update)
 
 
 class DecoupledWeightDecayState(NamedTuple):
@@ -349,10 +343,6 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """
     max_norm = check_positive("max_norm", max_norm)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
     def update(
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
@@ -361,4 +351,4 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         factor = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
         return _tree.scale(updates, factor), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_empty_init, update)

@@ -20,17 +20,20 @@ TOLERANCE = 1e-6
 
 
 def assert_parity(expected: Any, actual: Any) -> None:
-    """Within 1e-6, absolute for |w| <= 1 and relative above.
+    """Within 1e-6 of torch.optim: absolute up to |w| = 1, relative to the leaf's max |w| above.
 
     torch.optim's ``param.add_(buf, alpha=-lr)`` is one fused multiply-add on
     the CPU, while a functional step rounds ``-lr * buf`` before adding it, so
-    the two can differ by a few float32 ulps per step; above |w| = 1 an ulp is
-    more than 1e-7 and 1e-6 absolute would ask for more than float32 holds.
+    the two can differ by an ulp of |w| per step. With lr 0.1 and momentum 0.9
+    weights reach |w| ~ 20 in 50 steps, where one float32 ulp is 2e-6: an
+    absolute 1e-6 would ask for more than float32 holds there.
     """
     _tree.check_same_structure(expected, actual, "expected", "actual")
     for e, a in zip(_tree.leaves(expected), _tree.leaves(actual)):
-        bound = TOLERANCE * e.abs().clamp(min=1.0)
-        assert ((e - a).abs() <= bound).all(), f"max abs diff {(e - a).abs().max().item():.3g}"
+        bound = TOLERANCE * max(1.0, e.abs().max().item()) if e.numel() else 0.0
+        assert (e - a).abs().max().item() <= bound if e.numel() else True, (
+            f"max abs diff {(e - a).abs().max().item():.3g} > {bound:.3g}"
+        )
 
 
 def gradient_sequence(params: dict[str, torch.Tensor], steps: int, seed: int) -> list[Any]:
