@@ -10,8 +10,9 @@ ball around the weights::
 Adaptive SAM (ASAM, Kwon et al., 2021) rescales the ball by ``T = |w| + eta``:
 ``e = rho * T**2 g / (||T g||_2 + 1e-12)``.
 
-``perturbation`` is the one place in samfunc where ``e`` is computed; the
-functional API, the ``SAM`` optimizer class and the variants all call it.
+``_ascent`` is the one place in samfunc where ``e`` is computed: ``perturbation``,
+``sam_grad``, the train-step builders and the ``SAM`` optimizer class all go
+through it.
 
 Example:
     >>> import torch
