@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -377,3 +378,29 @@ def test_frozen_running_stats_keeps_every_batchnorm_statistic() -> None:
     for key, value in model.named_buffers():
         assert torch.equal(value, before[key]), key
     assert model[1].momentum == 0.1
+
+
+def test_documented_ddp_pattern_runs_and_matches_single_process(tmp_path: Path) -> None:
+    """The README's DistributedDataParallel pattern, in a one-process gloo group."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model, batches = make("cnn")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = samfunc.SAM(ddp.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        for x, y in batches:
+            with ddp.no_sync():
+                F.cross_entropy(ddp(x), y).backward()
+            opt.first_step(zero_grad=True)
+            with samfunc.frozen_running_stats(ddp):
+                F.cross_entropy(ddp(x), y).backward()
+            opt.second_step(zero_grad=True)
+        state = {k.removeprefix("module."): v.detach().clone() for k, v in ddp.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+    assert_states_close(run_class("cnn", adaptive=False, rho=0.05, closure_form=False), state)
