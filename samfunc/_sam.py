@@ -370,10 +370,14 @@ def _scalar_loss(loss_fn: LossFn, has_aux: bool) -> LossFn:
     return checked
 
 
-def _split_batch(batch: Batch, parts: int, name: str) -> list[Batch]:
-    """Splits every tensor leaf of ``batch`` along dim 0 into ``parts`` equal pieces."""
-    leaves, spec = _tree.flatten(batch)
-    sizes = {leaf.shape[0] for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.ndim}
+def _is_split(leaf: Any) -> bool:
+    """Tensor leaves with a batch dimension are split; other leaves pass whole."""
+    return isinstance(leaf, torch.Tensor) and leaf.ndim > 0
+
+
+def _part_size(leaves: Sequence[Any], parts: int, name: str) -> int:
+    """The size of each of ``parts`` equal pieces of dim 0, after checking it exists."""
+    sizes = {leaf.shape[0] for leaf in leaves if _is_split(leaf)}
     if len(sizes) != 1:
         raise ValueError(
             f"{name}={parts} splits the batch along dim 0, so every tensor in batch needs the "
@@ -382,15 +386,16 @@ def _split_batch(batch: Batch, parts: int, name: str) -> list[Batch]:
     (size,) = sizes
     if size % parts:
         raise ValueError(f"{name}={parts} must divide the batch size {size}")
-    step = size // parts
+    return int(size) // parts
+
+
+def _split_batch(batch: Batch, parts: int, name: str) -> list[Batch]:
+    """Splits every tensor leaf of ``batch`` along dim 0 into ``parts`` equal pieces."""
+    leaves, spec = _tree.flatten(batch)
+    step = _part_size(leaves, parts, name)
     return [
         _tree.unflatten(
-            [
-                leaf[i * step : (i + 1) * step]
-                if isinstance(leaf, torch.Tensor) and leaf.ndim
-                else leaf
-                for leaf in leaves
-            ],
+            [leaf[i * step : (i + 1) * step] if _is_split(leaf) else leaf for leaf in leaves],
             spec,
         )
         for i in range(parts)
@@ -399,18 +404,12 @@ def _split_batch(batch: Batch, parts: int, name: str) -> list[Batch]:
 
 def _stack_chunks(batch: Batch, parts: int, name: str) -> tuple[Batch, PyTree]:
     """Reshapes tensor leaves to ``(parts, size // parts, ...)``; returns in_dims too."""
-    chunks = _split_batch(batch, parts, name)
     leaves, spec = _tree.flatten(batch)
-    chunk_leaves = [_tree.leaves(chunk) for chunk in chunks]
-    stacked: list[Any] = []
-    in_dims: list[int | None] = []
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor) and leaf.ndim:
-            stacked.append(leaf.reshape(parts, leaf.shape[0] // parts, *leaf.shape[1:]))
-            in_dims.append(0)
-        else:
-            stacked.append(chunk_leaves[0][i])
-            in_dims.append(None)
+    step = _part_size(leaves, parts, name)
+    stacked = [
+        leaf.reshape(parts, step, *leaf.shape[1:]) if _is_split(leaf) else leaf for leaf in leaves
+    ]
+    in_dims = [0 if _is_split(leaf) else None for leaf in leaves]
     return _tree.unflatten(stacked, spec), _tree.unflatten(in_dims, spec)
 
 
@@ -465,14 +464,12 @@ def _sam_single(
 ) -> tuple[PyTree, Any]:
     """Both passes on one batch: ``(grad L(w + e), value at w)``."""
     grad_fn = grad_and_value(loss_fn, has_aux=has_aux)
-    if not options.reuse_rng:
-        grads, value = grad_fn(params, batch)
-        perturbed = options.perturb(params, grads, rho, fused)
-        return grad_fn(perturbed, batch)[0], value
-    devices = _cuda_devices(params)
-    before = _rng_states(devices)
+    devices = _cuda_devices(params) if options.reuse_rng else []
+    before = _rng_states(devices) if options.reuse_rng else None
     grads, value = grad_fn(params, batch)
     perturbed = options.perturb(params, grads, rho, fused)
+    if before is None:
+        return grad_fn(perturbed, batch)[0], value
     # Replay the first pass's random draws (dropout masks) in the second pass,
     # then leave the generators where the first pass left them.
     with torch.random.fork_rng(devices=devices):

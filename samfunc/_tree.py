@@ -230,10 +230,8 @@ def add_scaled(tree: PyTree, other: PyTree, factor: float | torch.Tensor) -> PyT
     a, spec = flatten(tree)
     b = leaves(other)
     if isinstance(factor, torch.Tensor):
-        out = torch._foreach_add(a, torch._foreach_mul(b, factor))
-    else:
-        out = torch._foreach_add(a, b, alpha=factor)
-    return unflatten(out, spec)
+        return unflatten(add_leaves(a, mul_leaves(b, factor)), spec)
+    return unflatten(torch._foreach_add(a, b, alpha=factor), spec)
 
 
 def scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
@@ -241,7 +239,7 @@ def scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
     a, spec = flatten(tree)
     if not a:
         return tree
-    return unflatten(torch._foreach_mul(a, factor), spec)
+    return unflatten(mul_leaves(a, factor), spec)
 
 
 def zeros_like(tree: PyTree) -> PyTree:
