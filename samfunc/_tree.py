@@ -38,6 +38,7 @@ __all__ = [
     "key_paths",
     "check_same_structure",
     "global_norm",
+    "all_finite",
     "mul_leaves",
     "mul_lists",
     "add_leaves",
@@ -187,6 +188,21 @@ def global_norm(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
         squares.append(torch.stack(norms).square().sum().to(home))
     total = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
     return total.sqrt()
+
+
+def all_finite(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
+    """A 0-d bool tensor: True when every element of every leaf is finite.
+
+    Read from the global norm, so it costs one fused reduction and no device
+    sync; a tree whose norm overflows float32 (elements beyond ~1e19) counts as
+    non-finite too, since no step can use such a gradient.
+
+    Example:
+        >>> import torch
+        >>> bool(all_finite({"w": torch.tensor([1.0, float("nan")])}))
+        False
+    """
+    return torch.isfinite(global_norm(tree, fused=fused))
 
 
 def mul_leaves(
