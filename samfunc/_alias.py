@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ._base import GradientTransformation, ScalarOrSchedule
 from ._combine import chain
+from ._schedule import check_schedule_nonnegative
 from ._transform import (
     add_decayed_weights,
     decoupled_weight_decay,
@@ -19,13 +20,15 @@ from ._transform import (
     scale_by_learning_rate,
     trace,
 )
-from ._validate import check_nonnegative
+from ._validate import check_bool, check_nonnegative
 
 __all__ = ["sgd", "adam", "adamw"]
 
 
 def _check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
-    if not callable(learning_rate):
+    if callable(learning_rate):
+        check_schedule_nonnegative("learning_rate", learning_rate)
+    else:
         check_nonnegative("learning_rate", learning_rate)
 
 
@@ -53,6 +56,7 @@ def sgd(
     momentum = check_nonnegative("momentum", momentum)
     if momentum >= 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    nesterov = check_bool("nesterov", nesterov)
     if nesterov and momentum == 0.0:
         raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum}")
     parts = [add_decayed_weights(weight_decay)] if weight_decay else []

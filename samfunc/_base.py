@@ -40,6 +40,7 @@ __all__ = [
     "TransformUpdateFn",
     "GradientTransformation",
     "EmptyState",
+    "check_state",
 ]
 
 Params = PyTree
@@ -79,3 +80,20 @@ class GradientTransformation(NamedTuple):
 
 class EmptyState(NamedTuple):
     """The state of a stateless transformation."""
+
+
+def check_state(owner: str, state: Any, expected: type) -> None:
+    """Raises ``TypeError`` if ``state`` was not made by ``owner``'s ``init``.
+
+    Catches a state from another optimizer (an Adam state given to SGD) before
+    it is read field by field.
+
+    Example:
+        >>> check_state("trace", EmptyState(), EmptyState)
+    """
+    if not isinstance(state, expected):
+        raise TypeError(
+            f"{owner} got a state of type {type(state).__name__}, expected {expected.__name__}: "
+            f"was it made by another optimizer's init? Build the state with this optimizer's "
+            f"init(params)"
+        )

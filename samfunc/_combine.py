@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 from . import _tree
-from ._base import GradientTransformation, OptState, Params, Updates
+from ._base import GradientTransformation, OptState, Params, Updates, check_state
 from ._tree import Mask
 
 __all__ = ["chain", "masked", "MaskedState"]
@@ -41,9 +41,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def update(
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
-        if len(state) != len(transforms):
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            count = len(state) if isinstance(state, tuple) else type(state).__name__
             raise ValueError(
-                f"state has {len(state)} entries but the chain has {len(transforms)} transforms"
+                f"state has {count} entries but the chain has {len(transforms)} transforms: "
+                f"was it made by another optimizer's init?"
             )
         new_states = []
         for transform, inner_state in zip(transforms, state):
@@ -93,6 +95,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     def update(
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
+        check_state("masked", state, MaskedState)
         flags = _tree.resolve_mask(mask, updates if params is None else params)
         if not any(flags):
             return updates, state

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Union, overload
 
@@ -37,9 +38,10 @@ from torch.func import vmap
 
 from . import _tree
 from ._base import Params
+from ._finite import NonFinitePolicy, check_policy, raise_if_nonfinite, refuse_raise_under_compile
 from ._grad import grad_and_value
 from ._tree import Mask, PyTree
-from ._validate import check_nonnegative, check_positive_int, check_rho
+from ._validate import check_bool, check_nonnegative, check_positive_int, check_rho
 
 __all__ = [
     "NORMS",
@@ -50,6 +52,9 @@ __all__ = [
     "sam_grad_and_value",
 ]
 
+FIRST_PASS = "the first pass, at w"
+SECOND_PASS = "the second pass, at w + e"
+
 #: Added to the gradient norm before dividing, as in the paper's code.
 NORM_EPS = 1e-12
 
@@ -59,6 +64,15 @@ NORMS: tuple[Norm, ...] = ("l2", "none", "inf")
 Rho = Union[float, torch.Tensor]
 Batch = PyTree
 LossFn = Callable[..., Any]
+
+#: The policies ``sam_grad`` accepts; the train steps and ``SAM`` add ``"skip"``.
+SAM_GRAD_POLICIES = ("propagate", "raise")
+SamGradPolicy = Literal["propagate", "raise"]
+
+# reuse_rng replays the global generator's state between the two passes; a
+# second thread drawing from it in between would change the masks. Calls that
+# reuse the RNG hold this lock from the first draw to the replay.
+_RNG_LOCK = threading.RLock()
 
 
 def _check_norm(norm: Any) -> Norm:
@@ -76,6 +90,18 @@ def _flags(mask: Mask | None, params: Params, name: str) -> list[bool]:
     if not any(flags):
         raise ValueError(f"{name} selects no leaf of params, so nothing would be perturbed")
     return flags
+
+
+def _check_adaptive(adaptive: Any) -> bool | Mask:
+    """``adaptive`` is a bool or a mask; a string such as ``"False"`` is neither."""
+    if isinstance(adaptive, bool) or callable(adaptive):
+        return adaptive
+    if isinstance(adaptive, (dict, list, tuple)):
+        return adaptive
+    raise TypeError(
+        "adaptive must be True, False, a tree of bools or a predicate (path, leaf) -> bool, "
+        f"got {adaptive!r}"
+    )
 
 
 def _adaptive_flags(adaptive: bool | Mask, params: Params) -> list[bool]:
@@ -345,9 +371,10 @@ def _check_params(params: Params) -> None:
             raise TypeError(
                 f"params must hold floating-point tensors, got {leaf.dtype} at {path or '<root>'}"
             )
+    _tree.check_detached(params, "params")
 
 
-def _scalar_loss(loss_fn: LossFn, has_aux: bool) -> LossFn:
+def checked_loss_fn(loss_fn: LossFn, has_aux: bool) -> LossFn:
     """Wraps ``loss_fn`` to check that the loss it returns is a scalar tensor."""
 
     def checked(params: Params, batch: Batch) -> Any:
@@ -365,6 +392,11 @@ def _scalar_loss(loss_fn: LossFn, has_aux: bool) -> LossFn:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             hint = "" if has_aux else " (pass has_aux=True if it returns (loss, aux))"
             raise ValueError(f"loss_fn must return a scalar (0-d) tensor loss, got {shape}{hint}")
+        if not loss.is_floating_point():
+            raise TypeError(
+                f"loss_fn must return a floating-point loss, got {loss.dtype}: an integer or "
+                "boolean loss has no gradient (compute it from the model's float outputs)"
+            )
         return out
 
     return checked
@@ -431,16 +463,18 @@ class _Options:
         accum_steps: int,
         reuse_rng: bool = False,
         vectorize_chunks: bool = True,
+        nonfinite: str = "propagate",
     ) -> None:
         self.rho = check_rho(rho)
         self.eta = check_nonnegative("eta", eta)
         self.norm = _check_norm(norm)
-        self.adaptive = adaptive
+        self.adaptive = _check_adaptive(adaptive)
         self.mask = mask
         self.num_chunks = check_positive_int("num_chunks", num_chunks)
         self.accum_steps = check_positive_int("accum_steps", accum_steps)
-        self.reuse_rng = bool(reuse_rng)
-        self.vectorize_chunks = bool(vectorize_chunks)
+        self.reuse_rng = check_bool("reuse_rng", reuse_rng)
+        self.vectorize_chunks = check_bool("vectorize_chunks", vectorize_chunks)
+        self.nonfinite: NonFinitePolicy = check_policy("nonfinite", nonfinite, SAM_GRAD_POLICIES)
         if self.num_chunks > 1 and self.accum_steps > 1:
             raise ValueError(
                 "num_chunks and accum_steps cannot both be > 1, "
@@ -451,6 +485,11 @@ class _Options:
         flags = _flags(self.mask, params, "mask")
         adaptive_flags = _adaptive_flags(self.adaptive, params)
         return _perturb(params, grads, rho, adaptive_flags, self.eta, self.norm, flags, fused)
+
+    def check_pass(self, grads: PyTree, where: str, value: Any, has_aux: bool) -> None:
+        """With ``nonfinite="raise"``, raises if one pass's gradient is not finite."""
+        if self.nonfinite == "raise":
+            raise_if_nonfinite(grads, where, value[0] if has_aux else value)
 
 
 def _sam_single(
@@ -464,17 +503,26 @@ def _sam_single(
 ) -> tuple[PyTree, Any]:
     """Both passes on one batch: ``(grad L(w + e), value at w)``."""
     grad_fn = grad_and_value(loss_fn, has_aux=has_aux)
-    devices = _cuda_devices(params) if options.reuse_rng else []
-    before = _rng_states(devices) if options.reuse_rng else None
-    grads, value = grad_fn(params, batch)
-    perturbed = options.perturb(params, grads, rho, fused)
-    if before is None:
-        return grad_fn(perturbed, batch)[0], value
-    # Replay the first pass's random draws (dropout masks) in the second pass,
-    # then leave the generators where the first pass left them.
-    with torch.random.fork_rng(devices=devices):
-        _set_rng_states(before, devices)
-        sam_grads, _ = grad_fn(perturbed, batch)
+    if not options.reuse_rng:
+        grads, value = grad_fn(params, batch)
+        if fused:  # not inside vmap, where a flag cannot be read
+            options.check_pass(grads, FIRST_PASS, value, has_aux)
+        sam_grads, perturbed_value = grad_fn(options.perturb(params, grads, rho, fused), batch)
+        if fused:
+            options.check_pass(sam_grads, SECOND_PASS, perturbed_value, has_aux)
+        return sam_grads, value
+    with _RNG_LOCK:
+        devices = _cuda_devices(params)
+        before = _rng_states(devices)
+        grads, value = grad_fn(params, batch)
+        options.check_pass(grads, FIRST_PASS, value, has_aux)
+        perturbed = options.perturb(params, grads, rho, fused)
+        # Replay the first pass's random draws (dropout masks) in the second pass,
+        # then leave the generators where the first pass left them.
+        with torch.random.fork_rng(devices=devices):
+            _set_rng_states(before, devices)
+            sam_grads, perturbed_value = grad_fn(perturbed, batch)
+    options.check_pass(sam_grads, SECOND_PASS, perturbed_value, has_aux)
     return sam_grads, value
 
 
@@ -525,9 +573,9 @@ def _sam_chunked(
 
     grads, value = vmap(one_chunk, in_dims=(in_dims,), randomness="different")(stacked)
     grads = _tree.tree_map(lambda g: g.mean(0), grads)
-    if has_aux:
-        return grads, (value[0].mean(0), value[1])
-    return grads, value.mean(0)
+    value = (value[0].mean(0), value[1]) if has_aux else value.mean(0)
+    options.check_pass(grads, "either pass (in some chunk)", value, has_aux)
+    return grads, value
 
 
 def _sam_accumulated(
@@ -537,8 +585,10 @@ def _sam_accumulated(
     micro_batches = _split_batch(batch, options.accum_steps, "accum_steps")
     grad_fn = grad_and_value(loss_fn, has_aux=has_aux)
     grads, values = _accumulate(grad_fn, params, micro_batches)
+    options.check_pass(grads, FIRST_PASS, _mean_values(values, has_aux), has_aux)
     perturbed = options.perturb(params, grads, rho)
-    sam_grads, _ = _accumulate(grad_fn, perturbed, micro_batches)
+    sam_grads, perturbed_values = _accumulate(grad_fn, perturbed, micro_batches)
+    options.check_pass(sam_grads, SECOND_PASS, _mean_values(perturbed_values, has_aux), has_aux)
     return sam_grads, _mean_values(values, has_aux)
 
 
@@ -579,6 +629,7 @@ def sam_grad_and_value(
     accum_steps: int = ...,
     vectorize_chunks: bool = ...,
     reuse_rng: bool = ...,
+    nonfinite: SamGradPolicy = ...,
 ) -> Callable[..., tuple[PyTree, torch.Tensor]]: ...
 
 
@@ -596,6 +647,7 @@ def sam_grad_and_value(
     accum_steps: int = ...,
     vectorize_chunks: bool = ...,
     reuse_rng: bool = ...,
+    nonfinite: SamGradPolicy = ...,
 ) -> Callable[..., tuple[PyTree, tuple[torch.Tensor, Any]]]: ...
 
 
@@ -613,6 +665,7 @@ def sam_grad_and_value(
     accum_steps: int = ...,
     vectorize_chunks: bool = ...,
     reuse_rng: bool = ...,
+    nonfinite: SamGradPolicy = ...,
 ) -> Callable[..., tuple[PyTree, Any]]: ...
 
 
@@ -629,6 +682,7 @@ def sam_grad_and_value(
     accum_steps: int = 1,
     vectorize_chunks: bool = True,
     reuse_rng: bool = False,
+    nonfinite: SamGradPolicy = "propagate",
 ) -> Callable[..., tuple[PyTree, Any]]:
     """Transforms ``loss_fn`` into a function returning ``(sam_grads, loss)``.
 
@@ -645,8 +699,18 @@ def sam_grad_and_value(
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    has_aux = check_bool("has_aux", has_aux)
     options = _Options(
-        rho, adaptive, eta, norm, mask, num_chunks, accum_steps, reuse_rng, vectorize_chunks
+        rho,
+        adaptive,
+        eta,
+        norm,
+        mask,
+        num_chunks,
+        accum_steps,
+        reuse_rng,
+        vectorize_chunks,
+        nonfinite,
     )
 
     def sam_fn(params: Params, batch: Batch, rho: Rho | None = None) -> tuple[PyTree, Any]:
@@ -661,7 +725,9 @@ def _run(
 ) -> tuple[PyTree, Any]:
     """``sam_grad`` with options validated beforehand (the train-step builders call this)."""
     _check_params(params)
-    checked_loss = _scalar_loss(loss_fn, has_aux)
+    if options.nonfinite == "raise":
+        refuse_raise_under_compile()
+    checked_loss = checked_loss_fn(loss_fn, has_aux)
     if options.num_chunks > 1:
         implementation = _sam_chunked if options.vectorize_chunks else _sam_chunk_loop
     elif options.accum_steps > 1:
@@ -687,6 +753,7 @@ def sam_grad(
     accum_steps: int = ...,
     vectorize_chunks: bool = ...,
     reuse_rng: bool = ...,
+    nonfinite: SamGradPolicy = ...,
 ) -> tuple[PyTree, torch.Tensor]: ...
 
 
@@ -706,6 +773,7 @@ def sam_grad(
     accum_steps: int = ...,
     vectorize_chunks: bool = ...,
     reuse_rng: bool = ...,
+    nonfinite: SamGradPolicy = ...,
 ) -> tuple[PyTree, tuple[torch.Tensor, Any]]: ...
 
 
@@ -725,6 +793,7 @@ def sam_grad(
     accum_steps: int = ...,
     vectorize_chunks: bool = ...,
     reuse_rng: bool = ...,
+    nonfinite: SamGradPolicy = ...,
 ) -> tuple[PyTree, Any]: ...
 
 
@@ -743,6 +812,7 @@ def sam_grad(
     accum_steps: int = 1,
     vectorize_chunks: bool = True,
     reuse_rng: bool = False,
+    nonfinite: SamGradPolicy = "propagate",
 ) -> tuple[PyTree, Any]:
     """The sharpness-aware gradient ``grad L(w + e)`` and the loss at ``w``.
 
@@ -782,6 +852,17 @@ def sam_grad(
         reuse_rng: replay the first pass's random state in the second pass, so
             both see the same dropout masks (the seed draws new ones). Not for
             ``torch.compile(fullgraph=True)``: RNG state capture breaks graphs.
+            Thread-safe among samfunc calls: a lock holds the global generator
+            from the first pass to the replay, so concurrent ``reuse_rng`` calls
+            run one at a time. Another thread drawing random numbers outside
+            samfunc in between can still change the masks.
+        nonfinite: what to do when a pass's gradient has a NaN or inf element.
+            ``"propagate"`` (default) returns it as it is (one NaN makes the
+            whole SAM gradient NaN, since the norm in ``e`` is global);
+            ``"raise"`` raises ``NonFiniteGradientError`` naming the pass and
+            the first non-finite leaf (eager only: it reads a flag from the
+            device). To skip such steps, use a train step (``nonfinite="skip"``)
+            or ``apply_if_finite`` around the optimizer.
 
     Returns:
         ``(grads, loss)``, or ``(grads, (loss, aux))`` with ``has_aux``. ``grads``
@@ -790,8 +871,11 @@ def sam_grad(
 
     Raises:
         ValueError: for a negative or non-finite ``rho``, ``eta < 0``, a loss that
-            is not a scalar, or ``num_chunks``/``accum_steps`` not dividing the batch.
-        TypeError: for a non-floating-point leaf in ``params``.
+            is not a scalar, ``num_chunks``/``accum_steps`` not dividing the batch,
+            or an ``nn.Parameter`` in ``params`` (pass detached tensors).
+        TypeError: for a non-floating-point leaf in ``params`` or loss, or a flag
+            that is not a bool.
+        NonFiniteGradientError: with ``nonfinite="raise"``, for a NaN or inf gradient.
 
     Example:
         >>> import torch
@@ -815,6 +899,7 @@ def sam_grad(
         accum_steps=accum_steps,
         vectorize_chunks=vectorize_chunks,
         reuse_rng=reuse_rng,
+        nonfinite=nonfinite,
     )
     result: tuple[PyTree, Any] = sam_fn(params, batch)
     return result

@@ -24,6 +24,8 @@ from ._base import Schedule
 from ._validate import check_nonnegative, check_number, check_positive, check_positive_int
 
 __all__ = [
+    "schedule_range",
+    "check_schedule_nonnegative",
     "constant_schedule",
     "linear_schedule",
     "cosine_decay_schedule",
@@ -38,6 +40,47 @@ def _as_float(count: torch.Tensor | int) -> torch.Tensor:
     return torch.as_tensor(count).to(torch.float32)
 
 
+_RANGE_ATTR = "_samfunc_value_range"
+
+
+def _with_range(schedule: Schedule, low: float, high: float) -> Schedule:
+    """Records the lowest and highest value ``schedule`` can return, for build-time checks."""
+    setattr(schedule, _RANGE_ATTR, (float(low), float(high)))
+    return schedule
+
+
+def schedule_range(schedule: Schedule) -> tuple[float, float] | None:
+    """``(lowest, highest)`` value of one of samfunc's schedules; None for other callables.
+
+    Example:
+        >>> schedule_range(linear_schedule(0.1, -0.1, transition_steps=10))
+        (-0.1, 0.1)
+    """
+    found = getattr(schedule, _RANGE_ATTR, None)
+    return None if found is None else (found[0], found[1])
+
+
+def check_schedule_nonnegative(name: str, schedule: Schedule) -> Schedule:
+    """Rejects, when a step or optimizer is built, a schedule known to go below 0.
+
+    Only samfunc's schedules know their range; any other callable is accepted
+    as it is (a negative or non-finite rho from it is caught at run time by
+    the step's non-finite policy).
+
+    Example:
+        >>> check_schedule_nonnegative("rho", linear_schedule(0.1, -0.1, 10))
+        Traceback (most recent call last):
+        ...
+        ValueError: rho schedule goes below 0: its values reach -0.1
+    """
+    if not callable(schedule):
+        raise TypeError(f"{name} must be a number or a schedule (callable), got {schedule!r}")
+    bounds = schedule_range(schedule)
+    if bounds is not None and bounds[0] < 0:
+        raise ValueError(f"{name} schedule goes below 0: its values reach {bounds[0]:g}")
+    return schedule
+
+
 def constant_schedule(value: float) -> Schedule:
     """Returns ``value`` at every step.
 
@@ -50,7 +93,7 @@ def constant_schedule(value: float) -> Schedule:
     def schedule(count: torch.Tensor) -> torch.Tensor:
         return torch.full_like(_as_float(count), value)
 
-    return schedule
+    return _with_range(schedule, value, value)
 
 
 def linear_schedule(
@@ -77,7 +120,7 @@ def linear_schedule(
         progress = ((_as_float(count) - transition_begin) / transition_steps).clamp(0.0, 1.0)
         return init_value + (end_value - init_value) * progress
 
-    return schedule
+    return _with_range(schedule, min(init_value, end_value), max(init_value, end_value))
 
 
 def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
@@ -103,7 +146,7 @@ def _cosine_between(start: float, end: float, steps: int) -> Schedule:
         progress = _as_float(count).clamp(0.0, steps) / steps
         return end + (start - end) * 0.5 * (1.0 + torch.cos(math.pi * progress))
 
-    return schedule
+    return _with_range(schedule, min(start, end), max(start, end))
 
 
 def step_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
@@ -121,7 +164,14 @@ def step_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Sche
         decays = torch.floor(_as_float(count) / step_size)
         return init_value * torch.pow(torch.full_like(decays, gamma), decays)
 
-    return schedule
+    return _with_range(schedule, *_geometric_range(init_value, gamma))
+
+
+def _geometric_range(init_value: float, gamma: float) -> tuple[float, float]:
+    """Range of ``init_value * gamma**k`` over k >= 0 (gamma > 0): it keeps its sign."""
+    if gamma <= 1.0:
+        return (min(0.0, init_value), max(0.0, init_value))
+    return (-math.inf, init_value) if init_value < 0 else (init_value, math.inf)
 
 
 def multistep_schedule(
@@ -147,7 +197,8 @@ def multistep_schedule(
             decays = decays + (count_f >= milestone).to(torch.float32)
         return init_value * torch.pow(torch.full_like(decays, gamma), decays)
 
-    return schedule
+    low, high = _geometric_range(init_value, gamma)
+    return _with_range(schedule, low, high)
 
 
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
@@ -176,7 +227,11 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
             value = torch.where(count_t >= boundary, later(count_t - boundary), value)
         return value
 
-    return schedule
+    ranges = [schedule_range(part) for part in schedules]
+    if any(r is None for r in ranges):
+        return schedule
+    known = [r for r in ranges if r is not None]
+    return _with_range(schedule, min(r[0] for r in known), max(r[1] for r in known))
 
 
 def warmup_cosine_decay_schedule(

@@ -29,13 +29,21 @@ import torch
 
 from . import _tree
 from ._base import GradientTransformation, OptState, Schedule
+from ._finite import (
+    NonFinitePolicy,
+    check_policy,
+    raise_if_nonfinite,
+    refuse_raise_under_compile,
+    select_tree,
+)
 from ._grad import grad_and_value
 from ._module import ModuleAux, mean_over_parts, module_loss, module_state
-from ._sam import Norm, _Options, _run
+from ._sam import Norm, _Options, _run, checked_loss_fn
+from ._schedule import check_schedule_nonnegative
 from ._transform import init_count
 from ._tree import Mask, PyTree
 from ._update import apply_updates
-from ._validate import check_nonnegative
+from ._validate import check_bool, check_nonnegative, guard_radius
 
 __all__ = [
     "TrainState",
@@ -46,6 +54,9 @@ __all__ = [
 ]
 
 RhoOrSchedule = Union[float, Schedule]
+
+#: What a train step does with a non-finite gradient; see ``samfunc._finite``.
+STEP_POLICIES = ("skip", "raise", "propagate")
 
 
 class TrainState(NamedTuple):
@@ -73,12 +84,16 @@ class StepMetrics(NamedTuple):
         rho: the radius used in this step.
         output: the module's detached output for this batch
             (``make_module_train_step`` only; ``None`` otherwise).
+        finite: a 0-d bool tensor, False when the gradient had a NaN or inf
+            element; with ``nonfinite="skip"`` the step was then skipped (the
+            state came back unchanged, its ``step`` count included).
     """
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
     rho: torch.Tensor
     output: Any = None
+    finite: Any = None
 
 
 def init_train_state(
@@ -98,6 +113,7 @@ def init_train_state(
         buffers = module_buffers if buffers is None else buffers
     else:
         params = params_or_module
+        _tree.check_detached(params, "params")
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
@@ -108,7 +124,7 @@ def init_train_state(
 
 def _check_rho(rho: RhoOrSchedule) -> RhoOrSchedule:
     if callable(rho):
-        return rho
+        return check_schedule_nonnegative("rho", rho)
     return check_nonnegative("rho", rho)
 
 
@@ -119,7 +135,9 @@ def _rho_at(rho: RhoOrSchedule, step: torch.Tensor) -> tuple[float | torch.Tenso
     round it, which float64 training would notice).
     """
     if callable(rho):
-        value = rho(step)
+        # A user's schedule may still go negative or NaN: that becomes NaN here,
+        # so the step's non-finite policy sees it (no device sync).
+        value = guard_radius(rho(step))
         return value, value
     # ones * rho, not torch.full: under torch.compile a float that became symbolic
     # (it changed between compilations) was baked into torch.full's output as a
@@ -131,6 +149,7 @@ class _SamSettings(NamedTuple):
     sam: bool
     rho: RhoOrSchedule
     options: _Options
+    nonfinite: NonFinitePolicy
 
 
 def _settings(
@@ -143,13 +162,25 @@ def _settings(
     num_chunks: int,
     accum_steps: int,
     vectorize_chunks: bool,
+    nonfinite: str,
 ) -> _SamSettings:
     """Checks every option once, when the step is built, never inside it."""
     rho = _check_rho(rho)
+    policy = check_policy("nonfinite", nonfinite, STEP_POLICIES)
     options = _Options(
-        0.0, adaptive, eta, norm, mask, num_chunks, accum_steps, vectorize_chunks=vectorize_chunks
+        0.0,
+        adaptive,
+        eta,
+        norm,
+        mask,
+        num_chunks,
+        accum_steps,
+        vectorize_chunks=vectorize_chunks,
+        nonfinite="raise" if policy == "raise" else "propagate",
     )
-    return _SamSettings(sam=bool(sam), rho=rho, options=options)
+    return _SamSettings(
+        sam=check_bool("sam", sam), rho=rho, options=options, nonfinite=policy
+    )
 
 
 def _gradient(
@@ -160,17 +191,45 @@ def _gradient(
     rho: float | torch.Tensor,
     has_aux: bool,
 ) -> tuple[PyTree, Any]:
+    if settings.nonfinite == "raise":
+        refuse_raise_under_compile()
     if settings.sam:
         return _run(loss_fn, params, batch, settings.options, rho, has_aux)
-    result: tuple[PyTree, Any] = grad_and_value(loss_fn, has_aux=has_aux)(params, batch)
-    return result
+    grad_fn = grad_and_value(checked_loss_fn(loss_fn, has_aux), has_aux=has_aux)
+    grads, value = grad_fn(params, batch)
+    if settings.nonfinite == "raise":
+        raise_if_nonfinite(grads, "the gradient pass", value[0] if has_aux else value)
+    return grads, value
+
+
+class _Updated(NamedTuple):
+    params: PyTree
+    opt_state: OptState
+    buffers: PyTree
+    step: torch.Tensor
+    grad_norm: torch.Tensor
+    finite: torch.Tensor
 
 
 def _update(
-    optimizer: GradientTransformation, state: TrainState, grads: PyTree
-) -> tuple[PyTree, OptState, torch.Tensor]:
+    optimizer: GradientTransformation,
+    state: TrainState,
+    grads: PyTree,
+    buffers: PyTree,
+    nonfinite: NonFinitePolicy,
+) -> _Updated:
+    """The optimizer's update; with ``"skip"``, the old state where the gradient is not finite."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return apply_updates(state.params, updates), opt_state, _tree.global_norm(grads)
+    params = apply_updates(state.params, updates)
+    grad_norm = _tree.global_norm(grads)
+    finite = torch.isfinite(grad_norm)
+    step = state.step + 1
+    if nonfinite == "skip":
+        params = select_tree(finite, params, state.params)
+        opt_state = select_tree(finite, opt_state, state.opt_state)
+        buffers = select_tree(finite, buffers, state.buffers)
+        step = state.step + finite.to(state.step.dtype)
+    return _Updated(params, opt_state, buffers, step, grad_norm, finite)
 
 
 def make_train_step(
@@ -186,6 +245,7 @@ def make_train_step(
     num_chunks: int = 1,
     accum_steps: int = 1,
     vectorize_chunks: bool = True,
+    nonfinite: NonFinitePolicy = "skip",
 ) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
     """A pure SAM train step for ``loss_fn(params, batch) -> scalar loss``.
 
@@ -201,6 +261,12 @@ def make_train_step(
         num_chunks: see ``sam_grad``.
         accum_steps: see ``sam_grad``.
         vectorize_chunks: see ``sam_grad``.
+        nonfinite: a gradient with a NaN or inf element (in either pass, or
+            from a rho schedule that went negative or NaN): ``"skip"`` (default)
+            returns the state unchanged and ``metrics.finite`` False, as
+            ``torch.amp.GradScaler`` skips a step; ``"raise"`` raises
+            ``NonFiniteGradientError`` naming the pass (eager only);
+            ``"propagate"`` applies it.
 
     Returns:
         ``step(state, batch) -> (new_state, StepMetrics)``; wrap it in
@@ -216,15 +282,16 @@ def make_train_step(
         >>> state, metrics = step(state, torch.randn(8, 3))
     """
     settings = _settings(
-        sam, rho, adaptive, eta, norm, mask, num_chunks, accum_steps, vectorize_chunks
+        sam, rho, adaptive, eta, norm, mask, num_chunks, accum_steps, vectorize_chunks, nonfinite
     )
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, StepMetrics]:
         rho_now, rho_metric = _rho_at(settings.rho, state.step)
         grads, loss = _gradient(loss_fn, state.params, batch, settings, rho_now, has_aux=False)
-        params, opt_state, grad_norm = _update(optimizer, state, grads)
-        new_state = TrainState(params, opt_state, state.buffers, state.step + 1)
-        return new_state, StepMetrics(loss=loss, grad_norm=grad_norm, rho=rho_metric)
+        new = _update(optimizer, state, grads, state.buffers, settings.nonfinite)
+        new_state = TrainState(new.params, new.opt_state, new.buffers, new.step)
+        metrics = StepMetrics(loss, new.grad_norm, rho_metric, finite=new.finite)
+        return new_state, metrics
 
     return step
 
@@ -251,6 +318,7 @@ def make_module_train_step(
     num_chunks: int = 1,
     accum_steps: int = 1,
     vectorize_chunks: bool = True,
+    nonfinite: NonFinitePolicy = "skip",
 ) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
     """A pure SAM train step for an ``nn.Module``, with its buffers threaded through.
 
@@ -273,18 +341,18 @@ def make_module_train_step(
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     settings = _settings(
-        sam, rho, adaptive, eta, norm, mask, num_chunks, accum_steps, vectorize_chunks
+        sam, rho, adaptive, eta, norm, mask, num_chunks, accum_steps, vectorize_chunks, nonfinite
     )
-    parts = num_chunks * accum_steps if sam else 1
+    parts = num_chunks * accum_steps if settings.sam else 1
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, StepMetrics]:
         rho_now, rho_metric = _rho_at(settings.rho, state.step)
         loss_fn = module_loss(module, criterion, state.buffers)
         grads, (loss, aux) = _gradient(loss_fn, state.params, batch, settings, rho_now, True)
         aux = _merge_parts(aux, parts)
-        params, opt_state, grad_norm = _update(optimizer, state, grads)
-        new_state = TrainState(params, opt_state, aux.buffers, state.step + 1)
-        metrics = StepMetrics(loss=loss, grad_norm=grad_norm, rho=rho_metric, output=aux.output)
+        new = _update(optimizer, state, grads, aux.buffers, settings.nonfinite)
+        new_state = TrainState(new.params, new.opt_state, new.buffers, new.step)
+        metrics = StepMetrics(loss, new.grad_norm, rho_metric, aux.output, new.finite)
         return new_state, metrics
 
     return step

@@ -24,13 +24,21 @@ from . import _tree
 from ._base import (
     EmptyState,
     GradientTransformation,
+    check_state,
     OptState,
     Params,
     ScalarOrSchedule,
     Schedule,
     Updates,
 )
-from ._validate import check_in_interval, check_nonnegative, check_number, check_positive
+from ._schedule import check_schedule_nonnegative
+from ._validate import (
+    check_bool,
+    check_in_interval,
+    check_nonnegative,
+    check_number,
+    check_positive,
+)
 
 __all__ = [
     "ScaleByScheduleState",
@@ -140,6 +148,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         del params
+        check_state("scale_by_schedule", state, ScaleByScheduleState)
         step_size = step_size_fn(state.step)
         return _tree.scale(updates, step_size), ScaleByScheduleState(step=state.step + 1)
 
@@ -157,9 +166,9 @@ def scale_by_learning_rate(
         >>> t.update([torch.ones(1)], t.init([torch.ones(1)]))[0]
         [tensor([-0.1000])]
     """
-    sign = -1.0 if flip_sign else 1.0
+    sign = -1.0 if check_bool("flip_sign", flip_sign) else 1.0
     if callable(learning_rate):
-        schedule = learning_rate
+        schedule = check_schedule_nonnegative("learning_rate", learning_rate)
         return scale_by_schedule(lambda count: sign * schedule(count))
     return scale(sign * check_nonnegative("learning_rate", learning_rate))
 
@@ -182,6 +191,7 @@ def trace(
         [tensor([1.9000])]
     """
     decay = check_in_interval("momentum", decay, 0.0, 1.0)
+    nesterov = check_bool("nesterov", nesterov)
     dampening = check_number("dampening", dampening)
     if not 0.0 <= dampening <= 1.0:
         raise ValueError(f"dampening must be in [0, 1], got {dampening}")
@@ -198,6 +208,8 @@ def trace(
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         del params
+        check_state("trace (momentum)", state, TraceState)
+        _tree.check_same_shapes(state.momentum_buffer, updates, "the optimizer state", "updates")
         grads, spec = _tree.flatten(updates)
         buffers = _tree.leaves(state.momentum_buffer)
         if dampening == 0.0:
@@ -237,6 +249,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         del params
+        check_state("scale_by_adam", state, ScaleByAdamState)
+        _tree.check_same_shapes(state.mu, updates, "the optimizer state", "updates")
         grads, spec = _tree.flatten(updates)
         new_step = state.step + 1
         mu = torch._foreach_lerp(_tree.leaves(state.mu), grads, 1.0 - b1)
@@ -276,6 +290,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
             raise ValueError(
                 "add_decayed_weights needs params: call update(updates, state, params)"
             )
+        _tree.check_same_shapes(params, updates, "params", "updates")
         return _tree.add_scaled(updates, params, weight_decay), state
 
     return GradientTransformation(_empty_init, update)
@@ -306,7 +321,9 @@ def decoupled_weight_decay(
         [tensor([-0.0500])]
     """
     weight_decay = check_nonnegative("weight_decay", weight_decay)
-    if not callable(learning_rate):
+    if callable(learning_rate):
+        check_schedule_nonnegative("learning_rate", learning_rate)
+    else:
         check_nonnegative("learning_rate", learning_rate)
 
     def init(params: Params) -> DecoupledWeightDecayState:
@@ -315,6 +332,7 @@ def decoupled_weight_decay(
     def update(
         updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
+        check_state("decoupled_weight_decay", state, DecoupledWeightDecayState)
         new_state = DecoupledWeightDecayState(step=state.step + 1)
         if weight_decay == 0.0:
             return updates, new_state
@@ -322,6 +340,7 @@ def decoupled_weight_decay(
             raise ValueError(
                 "decoupled_weight_decay needs params: call update(updates, state, params)"
             )
+        _tree.check_same_shapes(params, updates, "params", "updates")
         if callable(learning_rate):
             factor: float | torch.Tensor = 1.0 - learning_rate(state.step) * weight_decay
         else:

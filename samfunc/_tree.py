@@ -37,6 +37,8 @@ __all__ = [
     "tree_map",
     "key_paths",
     "check_same_structure",
+    "check_same_shapes",
+    "check_detached",
     "global_norm",
     "all_finite",
     "mul_leaves",
@@ -151,6 +153,57 @@ def check_same_structure(
             f"{other_name} must have the same tree structure as {reference_name}; "
             f"they differ {where}"
         )
+
+
+def check_same_shapes(
+    reference: PyTree, other: PyTree, reference_name: str, other_name: str
+) -> None:
+    """``check_same_structure``, then the same shape leaf by leaf (no broadcasting).
+
+    Python-side only (shapes are static under ``torch.compile``), so a compiled
+    graph runs it once, when it is traced.
+
+    Example:
+        >>> import torch
+        >>> check_same_shapes({"b": torch.ones(2)}, {"b": torch.ones(3)}, "params", "updates")
+        Traceback (most recent call last):
+        ...
+        ValueError: updates must have the shapes of params; at b: (3,) vs (2,)
+    """
+    check_same_structure(reference, other, reference_name, other_name)
+    pairs = list(zip(leaves(reference), leaves(other)))
+    for index, (ref, leaf) in enumerate(pairs):
+        if getattr(ref, "shape", None) != getattr(leaf, "shape", None):
+            path = key_paths(reference)[index]  # paths only on the error path
+            raise ValueError(
+                f"{other_name} must have the shapes of {reference_name}; "
+                f"at {path or '<root>'}: {_shape_text(leaf)} vs {_shape_text(ref)}"
+            )
+
+
+def _shape_text(leaf: Any) -> str:
+    shape = getattr(leaf, "shape", None)
+    return str(tuple(shape)) if shape is not None else type(leaf).__name__
+
+
+def check_detached(params: PyTree, name: str) -> None:
+    """Rejects ``nn.Parameter`` leaves: a functional loop over them leaks memory.
+
+    ``dict(model.named_parameters())`` keeps each leaf attached to autograd, so
+    every step's result would chain onto the previous step's graph, two
+    forward-backward passes per step, and memory would grow until it ran out.
+    """
+    tree_leaves = leaves(params)
+    for index, leaf in enumerate(tree_leaves):
+        if isinstance(leaf, torch.nn.Parameter) and leaf.requires_grad:
+            path = key_paths(params)[index] or "<root>"  # paths only on the error path
+            raise ValueError(
+                f"{name} hold an nn.Parameter that requires grad at {path}: each step "
+                "would chain onto the previous step's autograd graph and memory would grow "
+                "without bound. Pass detached tensors: samfunc.module_params(model) or "
+                "{k: v.detach() for k, v in model.named_parameters()}. (To differentiate "
+                "through the step on purpose, pass tensors computed from the parameters.)"
+            )
 
 
 def global_norm(tree: PyTree, *, fused: bool = True) -> torch.Tensor:

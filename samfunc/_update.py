@@ -20,12 +20,17 @@ __all__ = ["apply_updates"]
 def apply_updates(params: Params, updates: Updates) -> Params:
     """Returns ``params + updates`` as new tensors; neither input is modified.
 
-    Each result keeps its parameter's dtype (updates are cast to it).
+    Each result keeps its parameter's dtype (updates are cast to it). Leaves
+    are paired by key path, never broadcast: a bias update is never added to a
+    matrix.
 
     Raises:
-        ValueError: if ``updates`` does not have the structure of ``params``.
+        ValueError: if ``updates`` does not have the structure and shapes of
+            ``params`` (e.g. a dict whose keys come in another order), or if
+            ``params`` holds an ``nn.Parameter`` (a loop would leak memory).
     """
-    _tree.check_same_structure(params, updates, "params", "updates")
+    _tree.check_same_shapes(params, updates, "params", "updates")
+    _tree.check_detached(params, "params")
     param_leaves, spec = _tree.flatten(params)
     update_leaves = [
         u if u.dtype == p.dtype else u.to(p.dtype)

@@ -12,13 +12,33 @@ from typing import Any
 import torch
 
 __all__ = [
+    "check_bool",
     "check_number",
     "check_nonnegative",
     "check_positive",
     "check_in_interval",
     "check_positive_int",
     "check_rho",
+    "guard_radius",
 ]
+
+
+def _shown(value: Any) -> str:
+    """``value`` for an error message; a float that ``torch.compile`` made symbolic
+    cannot be formatted inside a compiled region, so it is not shown there."""
+    return "a value outside that range" if torch.compiler.is_compiling() else repr(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Returns ``value`` if it is a bool; a truthy string such as ``"False"`` is an error.
+
+    Example:
+        >>> check_bool("adaptive", True)
+        True
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_number(name: str, value: Any) -> float:
@@ -26,9 +46,10 @@ def check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     # Comparisons rather than math.isfinite: under torch.compile a float can be
-    # symbolic, and comparisons on it are traceable.
-    if value != value or value in (math.inf, -math.inf):
-        raise ValueError(f"{name} must be finite, got {value}")
+    # symbolic, and comparisons on it are traceable. (A symbolic +inf compares
+    # equal to nothing in torch 2.13; the tensor guard in check_rho covers rho.)
+    if value != value or value - value != 0:
+        raise ValueError(f"{name} must be finite, got {_shown(value)}")
     return value if torch.compiler.is_compiling() else float(value)
 
 
@@ -36,7 +57,7 @@ def check_nonnegative(name: str, value: Any) -> float:
     """Checks ``value >= 0``."""
     number = check_number(name, value)
     if number < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+        raise ValueError(f"{name} must be >= 0, got {_shown(value)}")
     return number
 
 
@@ -68,8 +89,16 @@ def check_positive_int(name: str, value: Any) -> int:
 def check_rho(value: Any, name: str = "rho") -> float | torch.Tensor:
     """Checks a perturbation radius: a finite float >= 0 or a floating 0-d tensor.
 
-    A tensor's value is not read (that would synchronize with the device and
-    break ``torch.compile`` graphs); only its shape and dtype are checked.
+    A tensor on the CPU, in eager mode, is read and checked like a float (free:
+    no device to wait for). Elsewhere (another device, or inside
+    ``torch.compile``) reading it would synchronize or break the graph, so a
+    negative or non-finite value is turned into NaN instead: the step's
+    gradient becomes NaN and the non-finite policy (``nonfinite=``) catches it,
+    rather than a negative radius silently descending.
+
+    Example:
+        >>> check_rho(0.05)
+        0.05
     """
     if isinstance(value, torch.Tensor):
         if value.ndim != 0 or not value.is_floating_point():
@@ -77,5 +106,19 @@ def check_rho(value: Any, name: str = "rho") -> float | torch.Tensor:
                 f"{name} must be a float or a floating-point 0-d tensor, "
                 f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
             )
-        return value
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_nonnegative(name, float(value))
+            return value
+        return guard_radius(value)
     return check_nonnegative(name, value)
+
+
+def guard_radius(value: torch.Tensor) -> torch.Tensor:
+    """``value`` where it is finite and >= 0, NaN elsewhere; no device sync.
+
+    Example:
+        >>> guard_radius(torch.tensor(-0.5))
+        tensor(nan)
+    """
+    usable = torch.isfinite(value) & (value >= 0)
+    return torch.where(usable, value, torch.full_like(value, math.nan))
