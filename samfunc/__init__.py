@@ -10,6 +10,7 @@ Example:
     >>> opt_state = opt.init(params)
 """
 
+from . import _serialization
 from ._alias import adam as adam
 from ._alias import adamw as adamw
 from ._alias import sgd as sgd
@@ -18,9 +19,12 @@ from ._base import GradientTransformation as GradientTransformation
 from ._base import Schedule as Schedule
 from ._base import TransformInitFn as TransformInitFn
 from ._base import TransformUpdateFn as TransformUpdateFn
+from ._combine import ApplyIfFiniteState as ApplyIfFiniteState
 from ._combine import MaskedState as MaskedState
+from ._combine import apply_if_finite as apply_if_finite
 from ._combine import chain as chain
 from ._combine import masked as masked
+from ._finite import NonFiniteGradientError as NonFiniteGradientError
 from ._module import ModuleAux as ModuleAux
 from ._module import load_into_module as load_into_module
 from ._module import mean_over_parts as mean_over_parts
@@ -73,6 +77,23 @@ from ._transform import trace as trace
 from ._tree import global_norm as global_norm
 from ._update import apply_updates as apply_updates
 
+_serialization.register_safe_globals(
+    [
+        EmptyState,
+        MaskedState,
+        ApplyIfFiniteState,
+        ScaleByScheduleState,
+        TraceState,
+        ScaleByAdamState,
+        DecoupledWeightDecayState,
+        TrainState,
+        StepMetrics,
+        ModuleAux,
+        Sharpness,
+        HessianTrace,
+    ]
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -102,6 +123,9 @@ __all__ = [
     "module_params",
     "module_state",
     "EmptyState",
+    "ApplyIfFiniteState",
+    "NonFiniteGradientError",
+    "apply_if_finite",
     "GradientTransformation",
     "MaskedState",
     "ScaleByAdamState",

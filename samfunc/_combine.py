@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import torch
+
 from . import _tree
 from ._base import GradientTransformation, OptState, Params, Updates, check_state
 from ._tree import Mask
 
-__all__ = ["chain", "masked", "MaskedState"]
+__all__ = ["chain", "masked", "MaskedState", "apply_if_finite", "ApplyIfFiniteState"]
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -104,5 +106,75 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
             _tree.select(updates, flags), state.inner_state, selected_params
         )
         return _tree.merge(updates, new_selected, flags), MaskedState(inner_state=new_inner)
+
+    return GradientTransformation(init, update)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    """State of ``apply_if_finite``.
+
+    Attributes:
+        last_finite: whether the last gradient was finite (a 0-d bool tensor).
+        notfinite_count: non-finite gradients in a row, up to the last one.
+        total_notfinite: non-finite gradients since ``init``.
+        inner_state: the wrapped transform's state, unchanged by skipped steps.
+    """
+
+    last_finite: torch.Tensor
+    notfinite_count: torch.Tensor
+    total_notfinite: torch.Tensor
+    inner_state: OptState
+
+
+def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
+    """Skips updates whose gradient has a NaN or inf element, as ``optax.apply_if_finite``.
+
+    On such a step the updates are zeros (so ``apply_updates`` leaves the params
+    as they were) and ``inner``'s state does not change: the semantics of
+    ``torch.amp.GradScaler``'s skipped step, compile-safe (no device sync, no
+    branch on a tensor's value). The counts in the state say how often it
+    happened. Wrap the optimizer of a hand-written step with it; the train
+    steps skip with ``nonfinite="skip"``.
+
+    Example:
+        >>> import torch
+        >>> import samfunc
+        >>> opt = samfunc.apply_if_finite(samfunc.sgd(0.1))
+        >>> params = {"w": torch.ones(2)}
+        >>> state = opt.init(params)
+        >>> updates, state = opt.update({"w": torch.tensor([1.0, float("nan")])}, state, params)
+        >>> updates["w"], int(state.total_notfinite)
+        (tensor([0., 0.]), 1)
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(f"inner must be a GradientTransformation, got {type(inner).__name__}")
+
+    def init(params: Params) -> ApplyIfFiniteState:
+        first = _tree.leaves(params)
+        device = first[0].device if first else None
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        return ApplyIfFiniteState(
+            last_finite=torch.ones((), dtype=torch.bool, device=device),
+            notfinite_count=count,
+            total_notfinite=count.clone(),
+            inner_state=inner.init(params),
+        )
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        check_state("apply_if_finite", state, ApplyIfFiniteState)
+        finite = _tree.all_finite(updates)
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        leaves, spec = _tree.flatten(new_updates)
+        kept = [torch.where(finite.to(u.device), u, torch.zeros_like(u)) for u in leaves]
+        bad = (~finite).to(torch.int64)
+        new_state = ApplyIfFiniteState(
+            last_finite=finite,
+            notfinite_count=(state.notfinite_count + bad) * bad,
+            total_notfinite=state.total_notfinite + bad,
+            inner_state=_tree.where(finite, new_inner, state.inner_state),
+        )
+        return _tree.unflatten(kept, spec), new_state
 
     return GradientTransformation(init, update)

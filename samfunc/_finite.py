@@ -14,10 +14,8 @@ the train steps and the ``SAM`` class:
   caller decides, e.g. with ``apply_if_finite``).
 
 Example:
-    >>> import torch
-    >>> finite = torch.tensor(False)
-    >>> select_tree(finite, {"w": torch.ones(1)}, {"w": torch.zeros(1)})
-    {'w': tensor([0.])}
+    >>> check_policy("nonfinite", "skip", ("raise", "skip", "propagate"))
+    'skip'
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ __all__ = [
     "first_nonfinite_path",
     "raise_if_nonfinite",
     "refuse_raise_under_compile",
-    "select_tree",
 ]
 
 NonFinitePolicy = Literal["raise", "skip", "propagate"]
@@ -93,17 +90,3 @@ def refuse_raise_under_compile(name: str = "nonfinite") -> None:
             f"{name}='raise' cannot run inside torch.compile (a compiled graph cannot raise "
             f"on a tensor's value); use {name}='skip' or 'propagate' there"
         )
-
-
-def select_tree(finite: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:
-    """``new`` where ``finite`` is True, else ``old``, leaf by leaf, with no device sync.
-
-    Leaves that are not tensors (or are the same object in both) are taken from ``new``.
-    """
-    new_leaves, spec = _tree.flatten(new)
-    old_leaves = _tree.leaves(old)
-    chosen = [
-        torch.where(finite.to(n.device), n, o) if isinstance(n, torch.Tensor) and n is not o else n
-        for n, o in zip(new_leaves, old_leaves)
-    ]
-    return _tree.unflatten(chosen, spec)

@@ -70,8 +70,21 @@ def grad_and_value(
 
     def run(params: PyTree, batch: Any) -> tuple[PyTree, Any]:
         if _plain_autograd_is_exact(params):
-            return _autograd_grad_and_value(loss_fn, params, batch, has_aux)
-        result: tuple[PyTree, Any] = func_version(params, batch)
-        return result
+            grads, value = _autograd_grad_and_value(loss_fn, params, batch, has_aux)
+        else:
+            grads, value = func_version(params, batch)
+        _check_dense(grads)
+        return grads, value
 
     return run
+
+
+def _check_dense(grads: PyTree) -> None:
+    """Sparse gradients (``nn.Embedding(sparse=True)``) have no norm or foreach kernels."""
+    for index, leaf in enumerate(_tree.leaves(grads)):
+        if leaf.layout != torch.strided:
+            path = _tree.key_paths(grads)[index] or "<root>"
+            raise TypeError(
+                f"samfunc needs dense gradients, got a {leaf.layout} one at {path} "
+                "(e.g. from nn.Embedding(sparse=True)): use sparse=False"
+            )

@@ -10,22 +10,28 @@ A drop-in replacement for ``from sam import SAM``::
     optimizer.second_step(zero_grad=True)  # back to w, then the base optimizer's step
 
 The ascent step ``e`` comes from the same function as ``samfunc.sam_grad``'s.
-Two of the seed's slips are fixed: every parameter perturbed in ``first_step``
-is restored in ``second_step`` even if it got no gradient in the second pass,
-and the base optimizer's state is part of ``state_dict`` so a resumed run is
-bitwise identical to an uninterrupted one.
+Slips of the seed's that are fixed here: every parameter perturbed in
+``first_step`` is restored in ``second_step`` even if it got no gradient in the
+second pass; the base optimizer's state is part of ``state_dict``, pickling and
+``copy.deepcopy``, so a resumed run is bitwise identical to an uninterrupted
+one; ``step(closure)`` is right when called every step in a loop (see its
+docstring); a NaN or inf gradient raises (or skips the step) instead of
+turning every parameter into NaN; the seed's checkpoints load as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import torch
 
-from ._sam import _perturbation_leaves
-from ._validate import check_nonnegative
+from . import _tree
+from ._finite import NonFinitePolicy, check_policy, raise_if_nonfinite
+from ._sam import FIRST_PASS, SECOND_PASS, _perturbation_leaves
+from ._validate import check_bool, check_nonnegative
 
 __all__ = [
     "SAM",
@@ -33,6 +39,36 @@ __all__ = [
     "enable_running_stats",
     "frozen_running_stats",
 ]
+
+#: The per-group options SAM adds to the base optimizer's.
+SAM_OPTIONS = ("rho", "adaptive", "eta")
+CLASS_POLICIES = ("raise", "skip", "propagate")
+
+
+class _BackwardWatch:
+    """Notes that a backward pass accumulated a gradient into a watched parameter.
+
+    ``step(closure)`` asks it whether the gradients in ``.grad`` are a fresh
+    first pass (the seed's pattern: ``loss.backward()`` then ``step(closure)``)
+    or what the previous step left behind (the PyTorch pattern, where the
+    closure does everything).
+    """
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, param: torch.Tensor) -> None:
+        del param
+        self.seen = True
+
+
+def _check_group(index: int, group: dict[str, Any]) -> None:
+    where = f"param_groups[{index}]"
+    check_nonnegative(f"{where}['rho']", group["rho"])
+    check_nonnegative(f"{where}['eta']", group["eta"])
+    check_bool(f"{where}['adaptive']", group["adaptive"])
 
 
 class SAM(torch.optim.Optimizer):
@@ -44,13 +80,20 @@ class SAM(torch.optim.Optimizer):
         base_optimizer: the optimizer class that makes the actual update,
             e.g. ``torch.optim.SGD``; built on the same ``param_groups``.
         rho: the neighbourhood radius (per group).
-        adaptive: ASAM, with ``T = |w| + eta`` (per group).
+        adaptive: ASAM, with ``T = |w| + eta`` (per group); must be a bool.
         eta: ASAM's offset; the seed uses 0 (per group).
+        nonfinite: a gradient with a NaN or inf element, in either pass:
+            ``"raise"`` (default) raises ``NonFiniteGradientError`` with the
+            parameters back at ``w`` and the base optimizer not stepped;
+            ``"skip"`` skips the step the same way and counts it in
+            ``skipped_steps``; ``"propagate"`` does what the seed does. With a
+            ``GradScaler`` (see ``first_step``) such steps are always skipped.
         **kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Attributes:
         base_optimizer: the wrapped optimizer. It shares ``param_groups`` with
             this one, so ``torch.optim.lr_scheduler`` works on either.
+        skipped_steps: how many steps were skipped for a non-finite gradient.
 
     Example:
         >>> import torch
@@ -58,10 +101,12 @@ class SAM(torch.optim.Optimizer):
         >>> model = torch.nn.Linear(3, 1)
         >>> opt = samfunc.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
         >>> def closure():
+        ...     opt.zero_grad()
         ...     loss = model(torch.ones(4, 3)).pow(2).mean()
         ...     loss.backward()
         ...     return loss
-        >>> loss = opt.step(closure)
+        >>> for _ in range(3):
+        ...     loss = opt.step(closure)  # the loss at w, before this step's update
     """
 
     def __init__(
@@ -71,10 +116,14 @@ class SAM(torch.optim.Optimizer):
         rho: float = 0.05,
         adaptive: bool = False,
         eta: float = 0.0,
+        *,
+        nonfinite: NonFinitePolicy = "raise",
         **kwargs: Any,
     ) -> None:
         check_nonnegative("rho", rho)
         check_nonnegative("eta", eta)
+        check_bool("adaptive", adaptive)
+        policy = check_policy("nonfinite", nonfinite, CLASS_POLICIES)
         if not callable(base_optimizer):
             raise TypeError(
                 f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}"
@@ -82,51 +131,126 @@ class SAM(torch.optim.Optimizer):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **kwargs)
         super().__init__(params, defaults)
         for index, group in enumerate(self.param_groups):
-            check_nonnegative(f"param_groups[{index}]['rho']", group["rho"])
-            check_nonnegative(f"param_groups[{index}]['eta']", group["eta"])
+            _check_group(index, group)
         self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        self.nonfinite: NonFinitePolicy = policy
+        self._start_runtime()
+
+    def _start_runtime(self) -> None:
+        """What lives only in this process: w's backup storage, hooks, step flags."""
         # Storage for w, reused from step to step (as the seed's "old_p"), and
         # the parameters first_step moved in the current step.
         self._backup: dict[torch.Tensor, torch.Tensor] = {}
         self._perturbed: list[torch.Tensor] = []
+        self._skip_second = False
+        self.skipped_steps = getattr(self, "skipped_steps", 0)
+        self._watch = _BackwardWatch()
+        self._hooks: dict[torch.Tensor, Any] = {}
+        self._watch_params()
 
-    def _with_grads(self) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    def _watch_params(self) -> None:
+        """Hooks every parameter that can get a gradient (again after an unfreeze)."""
         for group in self.param_groups:
             for p in group["params"]:
+                if p.requires_grad and p not in self._hooks:
+                    self._hooks[p] = p.register_post_accumulate_grad_hook(self._watch)
+
+    def _with_grads(self) -> Iterator[tuple[int, int, dict[str, Any], torch.Tensor]]:
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    yield group, p
+                    yield group_index, param_index, group, p
+
+    def _group_options(self, group_index: int, group: dict[str, Any]) -> tuple[float, bool, float]:
+        """A group's rho, adaptive and eta (defaults for a group added to ``base_optimizer``)."""
+        for key in SAM_OPTIONS:
+            group.setdefault(key, self.defaults[key])
+        _check_group(group_index, group)
+        return float(group["rho"]), bool(group["adaptive"]), float(group["eta"])
+
+    def _refuse_mid_step(self, action: str) -> None:
+        if self._perturbed:
+            raise RuntimeError(
+                f"cannot {action} between first_step and second_step: the parameters are at "
+                "w + e; call second_step() or restore() first"
+            )
+
+    def _gradient_tree(
+        self, pairs: list[tuple[int, int, dict[str, Any], torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """The gradients keyed by where their parameter sits, for error messages."""
+        grads = {}
+        for group_index, param_index, _, p in pairs:
+            grad = p.grad
+            assert grad is not None
+            if grad.is_sparse:
+                raise TypeError(
+                    f"SAM needs dense gradients; param_groups[{group_index}]['params']"
+                    f"[{param_index}] has a sparse one (e.g. nn.Embedding(sparse=True)): "
+                    "use sparse=False"
+                )
+            grads[f"param_groups[{group_index}]['params'][{param_index}]"] = grad
+        return grads
+
+    def _finite_or_skip(self, grads: dict[str, torch.Tensor], where: str, scaled: bool) -> bool:
+        """Applies the non-finite policy to one pass; returns whether to go on."""
+        if self.nonfinite == "propagate" and not scaled:
+            return True
+        if not grads or bool(_tree.all_finite(grads)):
+            return True
+        if self.nonfinite == "raise" and not scaled:
+            raise_if_nonfinite(grads, where)
+        self.skipped_steps += 1
+        return False
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(
+        self, zero_grad: bool = False, *, scaler: Optional[torch.amp.GradScaler] = None
+    ) -> None:
         """Moves every parameter with a gradient from ``w`` to ``w + e(w)``.
 
         Args:
             zero_grad: clear the gradients afterwards, ready for the second pass.
+            scaler: a ``torch.amp.GradScaler`` whose scaled loss made these
+                gradients. They are unscaled first (``scaler.unscale_(self)``),
+                and if they hold an inf or NaN the step is skipped: ``w`` is not
+                moved and ``second_step`` will not step the base optimizer.
+                Call ``scaler.update()`` after ``second_step``.
         """
-        if self._perturbed:
+        if self._perturbed or self._skip_second:
             raise RuntimeError("first_step called twice without second_step in between")
+        self._watch.seen = False
+        if scaler is not None:
+            scaler.unscale_(self)
         pairs = list(self._with_grads())
-        if pairs:
-            params = [p for _, p in pairs]
-            grads = [p.grad for _, p in pairs]
-            e = _perturbation_leaves(
-                params,
-                grads,  # type: ignore[arg-type]
-                [float(group["rho"]) for group, _ in pairs],
-                [bool(group["adaptive"]) for group, _ in pairs],
-                [float(group["eta"]) for group, _ in pairs],
-                "l2",
-            )
-            for p in params:
-                if p not in self._backup:
-                    self._backup[p] = torch.empty_like(p)
-            torch._foreach_copy_([self._backup[p] for p in params], params)
-            self._perturbed = params
-            torch._foreach_add_(params, e)
+        grads = self._gradient_tree(pairs)
+        if not self._finite_or_skip(grads, FIRST_PASS, scaled=scaler is not None):
+            self._skip_second = True
+        elif pairs:
+            self._perturb(pairs)
         if zero_grad:
             self.zero_grad()
+
+    def _perturb(self, pairs: list[tuple[int, int, dict[str, Any], torch.Tensor]]) -> None:
+        options = [self._group_options(gi, group) for gi, _, group, _ in pairs]
+        params = [p for *_, p in pairs]
+        grads = [p.grad for p in params]
+        e = _perturbation_leaves(
+            params,
+            grads,  # type: ignore[arg-type]
+            [rho for rho, _, _ in options],
+            [adaptive for _, adaptive, _ in options],
+            [eta for _, _, eta in options],
+            "l2",
+        )
+        for p in params:
+            if p not in self._backup:
+                self._backup[p] = torch.empty_like(p)
+        torch._foreach_copy_([self._backup[p] for p in params], params)
+        self._perturbed = params
+        torch._foreach_add_(params, e)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -136,44 +260,98 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = []
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(
+        self, zero_grad: bool = False, *, scaler: Optional[torch.amp.GradScaler] = None
+    ) -> None:
         """Returns to ``w`` and runs the base optimizer with the gradients at ``w + e``.
+
+        If the first pass was skipped (non-finite), or the second pass's gradient
+        is not finite, ``w`` is restored and the base optimizer does not step
+        (or, with ``nonfinite="raise"`` and no scaler, an error is raised after
+        restoring ``w``).
 
         Args:
             zero_grad: clear the gradients afterwards.
+            scaler: the ``GradScaler`` of ``first_step``; the base optimizer
+                steps through ``scaler.step``, which unscales the second pass's
+                gradients (unless you called ``scaler.unscale_(opt.base_optimizer)``
+                to clip them) and skips the step if they hold an inf or NaN.
         """
         self.restore()
-        self.base_optimizer.step()
+        skipped = self._skip_second
+        self._skip_second = False
+        self._watch.seen = False
+        if not skipped:
+            self._descend(scaler)
         # torch.optim.lr_scheduler wraps SAM.step to note that the optimizer
         # stepped; the two-step API goes around it, so note it here.
         self._opt_called = True
         if zero_grad:
             self.zero_grad()
 
+    def _descend(self, scaler: Optional[torch.amp.GradScaler]) -> None:
+        """The base optimizer's step on the second pass's gradients, if they are usable."""
+        if scaler is not None:
+            scaler.step(self.base_optimizer)
+            grads = self._gradient_tree(list(self._with_grads()))
+            if grads and not bool(_tree.all_finite(grads)):
+                self.skipped_steps += 1  # scaler.step skipped it
+            return
+        grads = self._gradient_tree(list(self._with_grads()))
+        if self._finite_or_skip(grads, SECOND_PASS, scaled=False):
+            self.base_optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the gradients (as ``torch.optim.Optimizer.zero_grad``)."""
+        super().zero_grad(set_to_none)
+        if hasattr(self, "_watch"):
+            self._watch.seen = False
+
+    def _has_fresh_gradients(self) -> bool:
+        """True if a backward pass since the last step left gradients to use."""
+        return self._watch.seen and any(True for _ in self._with_grads())
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """A whole SAM step around ``closure``, which does a forward-backward pass.
 
-        If no parameter has a gradient yet, the closure first runs at ``w`` to
-        get one (so ``step(closure)`` alone is a complete step); then
-        ``first_step``, the closure again at ``w + e``, and ``second_step``. If the
-        closure raises, the parameters are put back to ``w`` before the error
-        propagates, and the base optimizer does not step.
+        Both ways of calling it are right, step after step:
+
+        * the PyTorch pattern: the closure does everything (``zero_grad``,
+          forward, ``backward``) and ``step(closure)`` is called every step.
+          ``step`` runs it at ``w``, then at ``w + e``. Gradients left from the
+          previous step (or zeros from ``zero_grad(set_to_none=False)``) are
+          never taken for this step's first pass;
+        * the seed's pattern: ``loss.backward()`` at ``w`` first, then
+          ``step(closure)``; the gradients of that backward pass are used as
+          the first pass, and the closure runs once, at ``w + e``.
+
+        Which one it is comes from whether a backward pass accumulated a
+        gradient into the parameters since the last step (a hook on each
+        parameter), not from whether ``.grad`` is set. If the closure raises,
+        the parameters are put back to ``w`` before the error propagates, and
+        the base optimizer does not step.
 
         Returns:
-            What the first closure call that ``step`` made returned: the loss at
-            ``w`` when ``step`` ran the first pass itself, else the loss at ``w + e``.
+            The loss at ``w`` when ``step`` ran the first pass itself (the
+            PyTorch pattern); in the seed's pattern, where the first pass was
+            yours, the closure's loss at ``w + e``.
         """
         if closure is None:
             raise ValueError(
                 "SAM.step needs a closure that runs a forward-backward pass; "
                 "or call first_step() and second_step() yourself"
             )
+        self._watch_params()
         closure_with_grad = torch.enable_grad()(closure)
         first_loss = None
-        if not any(True for _ in self._with_grads()):
+        if not self._has_fresh_gradients():
+            super().zero_grad(set_to_none=True)  # last step's gradients are not this step's
             first_loss = closure_with_grad()
         self.first_step(zero_grad=True)
+        if self._skip_second:  # the first pass was not finite: nothing to climb
+            self.second_step()
+            return first_loss
         try:
             perturbed_loss = closure_with_grad()
         except BaseException:
@@ -182,20 +360,100 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return perturbed_loss if first_loss is None else first_loss
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group to both optimizers; it may set its own ``rho``, ``adaptive``, ``eta``."""
+        if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        group = dict(param_group)
+        for key in SAM_OPTIONS:
+            group.setdefault(key, self.defaults[key])
+        _check_group(len(self.param_groups), group)
+        self.base_optimizer.add_param_group(group)
+        self.param_groups = self.base_optimizer.param_groups
+        self._watch_params()
+
     def state_dict(self) -> dict[str, Any]:
         """This optimizer's groups plus the base optimizer's whole state."""
+        self._refuse_mid_step("save a state_dict")
         state = super().state_dict()
         state["base_optimizer"] = self.base_optimizer.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads groups and the base optimizer's state; they share groups again after."""
+        """Loads a checkpoint of this class, of the seed's SAM, or of the base optimizer.
+
+        * this class's ``state_dict``: groups and the base optimizer's state;
+        * the seed's SAM (no ``eta``, per-parameter ``old_p`` copies, no base
+          state): its groups load, ``eta`` takes this optimizer's default, and
+          the base optimizer starts fresh (a warning says so: the seed never
+          saved its momentum);
+        * a plain base-optimizer ``state_dict`` (e.g. ``torch.optim.SGD``'s,
+          to go on from SGD with SAM): it is loaded into ``base_optimizer``,
+          and each group keeps its current ``rho``, ``adaptive`` and ``eta``.
+        """
+        self._refuse_mid_step("load a state_dict")
         state_dict = dict(state_dict)
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or "state" not in state_dict:
+            raise ValueError(
+                "state_dict must be an optimizer state_dict with 'state' and 'param_groups', "
+                f"got keys {sorted(state_dict)}"
+            )
         base_state = state_dict.pop("base_optimizer", None)
+        if base_state is None and not all(SAM_OPTIONS[0] in group for group in groups):
+            self._load_base_state(state_dict)
+            return
+        current = [{key: group[key] for key in SAM_OPTIONS} for group in self.param_groups]
+        state_dict["state"] = {}  # SAM keeps nothing per parameter (the seed's old_p is w)
         super().load_state_dict(state_dict)
-        if base_state is not None:
+        self._fill_options(current)
+        if base_state is None:
+            warnings.warn(
+                "the state_dict has no base optimizer state (a checkpoint of the seed's SAM, "
+                "which does not save it): the base optimizer's state, such as momentum, "
+                "starts fresh",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.base_optimizer.state.clear()
+        else:
             self.base_optimizer.load_state_dict(base_state)
         self.base_optimizer.param_groups = self.param_groups
+
+    def _load_base_state(self, state_dict: dict[str, Any]) -> None:
+        current = [{key: group[key] for key in SAM_OPTIONS} for group in self.param_groups]
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self._fill_options(current)
+
+    def _fill_options(self, current: list[dict[str, Any]]) -> None:
+        """Groups loaded without SAM's options take the ones they had before."""
+        for index, (group, before) in enumerate(zip(self.param_groups, current)):
+            for key, value in before.items():
+                group.setdefault(key, value)
+            _check_group(index, group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``torch.save(opt)``, ``copy.deepcopy``) keeps the base optimizer."""
+        self._refuse_mid_step("pickle or copy the optimizer")
+        state: dict[str, Any] = super().__getstate__()
+        state["base_optimizer"] = self.base_optimizer
+        state["nonfinite"] = self.nonfinite
+        state["skipped_steps"] = self.skipped_steps
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        base = state.pop("base_optimizer", None)
+        self.nonfinite = state.pop("nonfinite", "raise")
+        self.skipped_steps = state.pop("skipped_steps", 0)
+        super().__setstate__(state)
+        if base is not None:
+            self.base_optimizer = base
+            # One pickle shares one list object, so these are the same groups again.
+            self.param_groups = base.param_groups
+        self._start_runtime()
 
 
 def _batch_norms(model: torch.nn.Module) -> Iterator[torch.nn.modules.batchnorm._BatchNorm]:

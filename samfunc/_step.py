@@ -34,7 +34,6 @@ from ._finite import (
     check_policy,
     raise_if_nonfinite,
     refuse_raise_under_compile,
-    select_tree,
 )
 from ._grad import grad_and_value
 from ._module import ModuleAux, mean_over_parts, module_loss, module_state
@@ -85,8 +84,9 @@ class StepMetrics(NamedTuple):
         output: the module's detached output for this batch
             (``make_module_train_step`` only; ``None`` otherwise).
         finite: a 0-d bool tensor, False when the gradient had a NaN or inf
-            element; with ``nonfinite="skip"`` the step was then skipped (the
-            state came back unchanged, its ``step`` count included).
+            element; with ``nonfinite="skip"`` the step was then skipped: params,
+            buffers and optimizer state came back unchanged (``state.step``
+            still counts the attempt, so a rho schedule moves on).
     """
 
     loss: torch.Tensor
@@ -178,9 +178,7 @@ def _settings(
         vectorize_chunks=vectorize_chunks,
         nonfinite="raise" if policy == "raise" else "propagate",
     )
-    return _SamSettings(
-        sam=check_bool("sam", sam), rho=rho, options=options, nonfinite=policy
-    )
+    return _SamSettings(sam=check_bool("sam", sam), rho=rho, options=options, nonfinite=policy)
 
 
 def _gradient(
@@ -225,10 +223,9 @@ def _update(
     finite = torch.isfinite(grad_norm)
     step = state.step + 1
     if nonfinite == "skip":
-        params = select_tree(finite, params, state.params)
-        opt_state = select_tree(finite, opt_state, state.opt_state)
-        buffers = select_tree(finite, buffers, state.buffers)
-        step = state.step + finite.to(state.step.dtype)
+        params = _tree.where(finite, params, state.params)
+        opt_state = _tree.where(finite, opt_state, state.opt_state)
+        buffers = _tree.where(finite, buffers, state.buffers)
     return _Updated(params, opt_state, buffers, step, grad_norm, finite)
 
 

@@ -24,12 +24,12 @@ from . import _tree
 from ._base import (
     EmptyState,
     GradientTransformation,
-    check_state,
     OptState,
     Params,
     ScalarOrSchedule,
     Schedule,
     Updates,
+    check_state,
 )
 from ._schedule import check_schedule_nonnegative
 from ._validate import (

@@ -41,6 +41,7 @@ __all__ = [
     "check_detached",
     "global_norm",
     "all_finite",
+    "where",
     "mul_leaves",
     "mul_lists",
     "add_leaves",
@@ -256,6 +257,27 @@ def all_finite(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
         False
     """
     return torch.isfinite(global_norm(tree, fused=fused))
+
+
+def where(condition: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:
+    """``new`` where the 0-d bool ``condition`` is True, else ``old``, leaf by leaf.
+
+    No device sync and no Python branch on the value, so a compiled step can
+    keep or drop a whole update. Non-tensor leaves come from ``new``.
+
+    Example:
+        >>> import torch
+        >>> where(torch.tensor(False), {"w": torch.ones(1)}, {"w": torch.zeros(1)})
+        {'w': tensor([0.])}
+    """
+    new_leaves, spec = flatten(new)
+    chosen = [
+        torch.where(condition.to(n.device), n, o)
+        if isinstance(n, torch.Tensor) and n is not o
+        else n
+        for n, o in zip(new_leaves, leaves(old))
+    ]
+    return unflatten(chosen, spec)
 
 
 def mul_leaves(

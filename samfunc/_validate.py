@@ -24,8 +24,10 @@ __all__ = [
 
 
 def _shown(value: Any) -> str:
-    """``value`` for an error message; a float that ``torch.compile`` made symbolic
-    cannot be formatted inside a compiled region, so it is not shown there."""
+    """``value`` for an error message, except inside ``torch.compile``.
+
+    A float that the compiler made symbolic cannot be formatted there.
+    """
     return "a value outside that range" if torch.compiler.is_compiling() else repr(value)
 
 

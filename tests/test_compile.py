@@ -121,3 +121,41 @@ def test_steps_built_with_different_float_rhos_compile() -> None:
         eager_state, _ = step(state, torch.ones(2))
         assert compiled_metrics.rho.item() == pytest.approx(rho)
         assert max_abs_diff(eager_state.params, compiled_state.params) <= 1e-6
+
+
+def test_compiled_step_skips_a_nonfinite_batch_without_recompiling(compiled_step: Any) -> None:
+    """nonfinite="skip" (the default) is torch.where in the graph: no branch, no recompile."""
+    state = samfunc.init_train_state(MODEL, OPTIMIZER)
+    good, *_ = batches()
+    bad = (good[0].clone(), good[1])
+    bad[0][0, 0, 0, 0] = float("nan")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        state, metrics = compiled_step(state, good)
+        assert bool(metrics.finite)
+        before = state
+        state, metrics = compiled_step(state, bad)
+        assert not bool(metrics.finite)
+        state_after_good, _ = compiled_step(state, good)
+    assert max_abs_diff(before.params, state.params) == 0.0
+    assert max_abs_diff(before.buffers, state.buffers) == 0.0
+    assert max_abs_diff(before.opt_state, state.opt_state) == 0.0
+    assert int(state_after_good.step) == 3
+
+
+def test_bad_rho_inside_a_compiled_function() -> None:
+    """A negative float rho still names itself; a bad tensor rho becomes NaN, never a descent."""
+
+    def loss_fn(p: Any, batch: torch.Tensor) -> torch.Tensor:
+        return ((p["w"] * batch) ** 2).sum()
+
+    def grads_at(rho: Any) -> Any:
+        return samfunc.sam_grad(loss_fn, {"w": torch.tensor([1.0, -2.0])}, torch.ones(2), rho=rho)[
+            0
+        ]
+
+    compiled = torch.compile(grads_at, fullgraph=True)
+    with pytest.raises(Exception, match="rho must be >= 0"):
+        compiled(-0.5)
+    assert compiled(torch.tensor(-0.5))["w"].isnan().all()
+    assert compiled(torch.tensor(float("inf")))["w"].isnan().all()
+    assert torch.isfinite(compiled(torch.tensor(0.05))["w"]).all()
