@@ -4,6 +4,7 @@ undetached params, unloadable states, integer losses, foreign states, threads.""
 from __future__ import annotations
 
 import io
+import sys
 import threading
 from typing import Any
 
@@ -356,25 +357,35 @@ def test_sparse_gradients_get_a_clear_error() -> None:
         samfunc.sam_grad(loss_fn, samfunc.module_params(embedding), torch.tensor([1, 2]))
 
 
+CALLS = 200
+
+
 def test_reuse_rng_is_thread_safe_among_samfunc_calls() -> None:
     """Each call's two passes see the same random draws, with two threads calling at once."""
     records: dict[int, list[torch.Tensor]] = {}
+    heavy = torch.ones(200, 200)
 
     def noisy_loss(p: Any, batch: torch.Tensor) -> torch.Tensor:
-        draw = torch.rand(16)
+        draw = torch.rand(16)  # a dropout mask, in effect
         records.setdefault(threading.get_ident(), []).append(draw)
-        return (p["w"].sum() * draw.sum() + batch.sum()) ** 2
+        work = (heavy @ heavy).mean() * 0  # releases the GIL: the other thread runs here
+        return (p["w"].sum() * draw.sum() + batch.sum() + work) ** 2
 
     def work() -> None:
-        for _ in range(20):
+        for _ in range(CALLS):
             samfunc.sam_grad(noisy_loss, {"w": torch.ones(3)}, torch.ones(2), reuse_rng=True)
 
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        sys.setswitchinterval(switch_interval)
     assert len(records) == 2
     for draws in records.values():
-        assert len(draws) == 40
+        assert len(draws) == 2 * CALLS
         assert all(torch.equal(a, b) for a, b in zip(draws[0::2], draws[1::2]))
