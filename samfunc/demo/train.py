@@ -54,29 +54,81 @@ class RunResult(NamedTuple):
     state: samfunc.TrainState
 
 
+MODEL_KINDS = ("auto", "mlp", "wrn")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def resolve_model_kind(kind: str, input_shape: tuple[int, ...]) -> str:
+    """The model to build, ``mlp`` or ``wrn``, for inputs of ``input_shape`` (one example).
+
+    Raises:
+        ValueError: if ``kind`` is unknown, or is ``wrn`` for inputs that are not images.
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"--model must be auto, mlp or wrn, got {kind!r}")
+    is_image = len(input_shape) == 3
+    if kind == "auto":
+        return "wrn" if is_image else "mlp"
+    if kind == "wrn" and not is_image:
+        raise ValueError(
+            "--model wrn needs image inputs x of shape (N, C, H, W) or (N, H, W, C), "
+            f"got examples of shape {input_shape}; use --model mlp"
+        )
+    return kind
+
+
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a torch device this machine can train on.
+
+    Raises:
+        ValueError: if ``name`` is not a device string, not cpu, cuda or mps, or not available.
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"--device must be a torch device such as cpu or cuda:0, got {name!r}"
+        ) from error
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"--device must be cpu, cuda[:N] or mps, got {name!r}")
+    if device.type == "cuda":
+        _check_cuda(name, device)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def _check_cuda(name: str, device: torch.device) -> None:
+    """Raises ValueError unless CUDA, and the device index if any, are available."""
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {name}: CUDA is not available (torch.cuda.is_available() is False); "
+            "use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"--device {name}: this machine has {count} CUDA device(s), 0..{count - 1}"
+        )
+
+
 def make_model(kind: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """``mlp`` (with BatchNorm) for flat inputs, ``wrn`` (WRN-16-2) for images, or ``auto``."""
-    if kind == "auto":
-        kind = "wrn" if len(input_shape) == 3 else "mlp"
-    if kind == "wrn":
-        if len(input_shape) != 3:
-            raise ValueError(f"--model wrn needs image inputs (C, H, W), got shape {input_shape}")
+    if resolve_model_kind(kind, input_shape) == "wrn":
         return WideResNet(16, 2, num_classes, in_channels=input_shape[0])
-    if kind == "mlp":
-        features = 1
-        for size in input_shape:
-            features *= size
-        return nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(features, 128),
-            nn.BatchNorm1d(128),
-            nn.ReLU(),
-            nn.Linear(128, 128),
-            nn.BatchNorm1d(128),
-            nn.ReLU(),
-            nn.Linear(128, num_classes),
-        )
-    raise ValueError(f"--model must be auto, mlp or wrn, got {kind!r}")
+    features = 1
+    for size in input_shape:
+        features *= size
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(features, 128),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
+        nn.Linear(128, 128),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
 
 
 @torch.no_grad()
