@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any
 
 import pytest
@@ -49,6 +51,89 @@ def test_power_iteration_finds_the_top_eigenvalue(eigenvalues: list[float], seed
     assert value.item() == pytest.approx(max(eigenvalues), rel=1e-6)
     residual = a @ vector["w"] - value * vector["w"]
     assert residual.norm().item() < 1e-3 * max(eigenvalues)
+
+
+def residual_norm(a: torch.Tensor, value: torch.Tensor, vector: torch.Tensor) -> float:
+    """||A v - lambda v||, from the dense matrix."""
+    return (a @ vector - value * vector).norm().item()
+
+
+# The two eigenvalues of largest magnitude are nearly opposite, so power iteration
+# converges at the rate 3 / 3.05 per step; the old rule (stop when the estimate moves
+# by less than tol) stopped at about -2.06, which is not an eigenvalue.
+NEARLY_OPPOSITE = [-3.0, 3.05]
+
+
+@pytest.mark.parametrize(
+    ("eigenvalues", "rotation_seed"),
+    [(NEARLY_OPPOSITE, None), (NEARLY_OPPOSITE, 4), ([*NEARLY_OPPOSITE, 1.0, -0.5], 7)],
+)
+def test_power_iteration_converges_on_nearly_opposite_eigenvalues(
+    eigenvalues: list[float], rotation_seed: int | None
+) -> None:
+    if rotation_seed is None:
+        a = torch.diag(torch.tensor(eigenvalues, dtype=DTYPE))
+    else:
+        a = spd_with_spectrum(eigenvalues, rotation_seed)
+    params = {"w": torch.zeros(len(eigenvalues), dtype=DTYPE)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        value, vector = samfunc.top_hessian_eigenvalue(quadratic, params, a, iters=3000)
+    assert value.dtype == DTYPE and value.ndim == 0
+    # |lambda - 3.05| <= ||A v - lambda v|| <= tol * |lambda| for a symmetric A.
+    assert abs(value.item() - 3.05) <= 1e-4 * 3.05
+    assert residual_norm(a, value, vector["w"]) <= 1e-4 * abs(value.item())
+    assert vector["w"].norm().item() == pytest.approx(1.0)
+    eigenvalues_a, eigenvectors = torch.linalg.eigh(a)
+    top = eigenvectors[:, int(torch.argmax(eigenvalues_a))]
+    assert abs(torch.dot(top, vector["w"]).item()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_power_iteration_warns_instead_of_returning_a_non_eigenvalue_silently() -> None:
+    """Fails on the old stopping rule, which returned about -2.06 without a word."""
+    a = torch.diag(torch.tensor(NEARLY_OPPOSITE, dtype=DTYPE))
+    params = {"w": torch.zeros(2, dtype=DTYPE)}
+    with pytest.warns(RuntimeWarning, match="did not converge in 50 iterations") as record:
+        value, vector = samfunc.top_hessian_eigenvalue(quadratic, params, a, iters=50)
+    # The last estimate comes back, with the type promised: a float64 0-d tensor and a
+    # unit-norm tree like params.
+    assert value.dtype == DTYPE and value.ndim == 0
+    assert set(vector) == {"w"} and vector["w"].shape == (2,)
+    assert vector["w"].norm().item() == pytest.approx(1.0)
+    assert min(abs(value.item() - e) for e in NEARLY_OPPOSITE) > 0.5
+    # The residual in the message is the returned pair's, and it is far above tol.
+    message = str(record[0].message)
+    found = re.search(r"\|\|Hv - lambda v\|\| = (\S+) is above", message)
+    assert found is not None, message
+    reported = float(found.group(1))
+    assert reported == pytest.approx(residual_norm(a, value, vector["w"]), rel=1e-2)
+    assert reported > 1e-4 * abs(value.item())
+
+
+@given(
+    eigenvalues=st.lists(st.floats(-10.0, 10.0), min_size=2, max_size=5),
+    seed=st.integers(0, 100),
+    iters=st.integers(1, 40),
+    tol=st.sampled_from([1e-2, 1e-3, 1e-4]),
+)
+def test_an_estimate_returned_without_a_warning_is_an_eigenpair(
+    eigenvalues: list[float], seed: int, iters: int, tol: float
+) -> None:
+    a = spd_with_spectrum(eigenvalues, seed)
+    params = {"w": torch.zeros(len(eigenvalues), dtype=DTYPE)}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", RuntimeWarning)
+        value, vector = samfunc.top_hessian_eigenvalue(
+            quadratic, params, a, iters=iters, tol=tol, seed=seed
+        )
+    warned = [w for w in record if issubclass(w.category, RuntimeWarning)]
+    residual = residual_norm(a, value, vector["w"])
+    if warned:
+        assert f"did not converge in {iters} iterations" in str(warned[0].message)
+    else:
+        assert residual <= tol * abs(value.item()) * (1 + 1e-9) + 1e-12
+        # Then lambda is within the residual of an eigenvalue of A.
+        assert min(abs(value.item() - e) for e in eigenvalues) <= residual + 1e-9
 
 
 def test_hutchinson_trace_is_exact_for_a_diagonal_hessian() -> None:
@@ -135,6 +220,8 @@ def test_landscape_slices_match_the_quadratic() -> None:
     assert grid[4, 2].item() == pytest.approx((0.5 * point @ a @ point).item())
 
 
+# Five iterations do not converge on this Hessian; the test is about has_aux only.
+@pytest.mark.filterwarnings("ignore:top_hessian_eigenvalue did not converge:RuntimeWarning")
 def test_tools_accept_loss_functions_with_aux() -> None:
     model = (
         torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
