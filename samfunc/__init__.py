@@ -25,6 +25,11 @@ from ._combine import apply_if_finite as apply_if_finite
 from ._combine import chain as chain
 from ._combine import masked as masked
 from ._finite import NonFiniteGradientError as NonFiniteGradientError
+from ._loss_scale import DynamicLossScale as DynamicLossScale
+from ._loss_scale import LossScaleState as LossScaleState
+from ._loss_scale import dynamic_loss_scale as dynamic_loss_scale
+from ._loss_scale import scale_loss as scale_loss
+from ._loss_scale import unscale_grads as unscale_grads
 from ._module import ModuleAux as ModuleAux
 from ._module import load_into_module as load_into_module
 from ._module import mean_over_parts as mean_over_parts
@@ -91,6 +96,7 @@ _serialization.register_safe_globals(
         ModuleAux,
         Sharpness,
         HessianTrace,
+        LossScaleState,
     ]
 )
 
@@ -126,6 +132,11 @@ __all__ = [
     "ApplyIfFiniteState",
     "NonFiniteGradientError",
     "apply_if_finite",
+    "DynamicLossScale",
+    "LossScaleState",
+    "dynamic_loss_scale",
+    "scale_loss",
+    "unscale_grads",
     "GradientTransformation",
     "MaskedState",
     "ScaleByAdamState",

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import torch
@@ -199,30 +198,6 @@ def scale_loss(loss: torch.Tensor, state: LossScaleState) -> torch.Tensor:
     return scaled.to(loss.dtype)
 
 
-def _all_elements_finite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A 0-d bool tensor on ``device``: True when every element of every tensor is finite.
-
-    Unlike a norm, this never overflows: finite elements of any size count as
-    finite, as in GradScaler. Leaves narrower than float64 are summed in
-    float64, where the sum of their magnitudes cannot overflow; float64 leaves
-    (and leaves on MPS, which has no float64) are first multiplied by 0,
-    which keeps exactly the non-finite elements non-finite (as NaN).
-    """
-    present = [t for t in tensors if t.numel() > 0]
-    widened = [t for t in present if t.dtype != torch.float64 and t.device.type != "mps"]
-    zeroed = [t for t in present if t.dtype == torch.float64 or t.device.type == "mps"]
-    sums: list[torch.Tensor] = []
-    if widened:
-        sums.extend(torch._foreach_norm(widened, 1, dtype=torch.float64))
-    if zeroed:
-        sums.extend(torch._foreach_norm(torch._foreach_mul(zeroed, 0.0), 1))
-    if not sums:
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.isfinite(
-        torch.stack([s.to(device=device, dtype=sums[0].dtype) for s in sums])
-    ).all()
-
-
 def unscale_grads(grads: PyTree, state: LossScaleState) -> tuple[PyTree, torch.Tensor]:
     """Divides scaled gradients by the scale, and says whether they were all finite.
 
@@ -254,5 +229,5 @@ def unscale_grads(grads: PyTree, state: LossScaleState) -> tuple[PyTree, torch.T
         inv_scale = scale.reciprocal()
     else:
         inv_scale = scale.double().reciprocal().float()
-    finite = _all_elements_finite(_tree.leaves(grads), scale.device)
+    finite = _tree.all_finite(grads).to(scale.device)
     return _tree.scale(grads, inv_scale), finite

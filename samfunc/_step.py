@@ -36,6 +36,7 @@ from ._finite import (
     refuse_raise_under_compile,
 )
 from ._grad import grad_and_value
+from ._loss_scale import DynamicLossScale, LossScaleState, scale_loss, unscale_grads
 from ._module import ModuleAux, mean_over_parts, module_loss, module_state
 from ._sam import Norm, _Options, _run, checked_loss_fn
 from ._schedule import check_schedule_nonnegative
@@ -65,13 +66,18 @@ class TrainState(NamedTuple):
         params: the trainable parameters (a pytree).
         opt_state: the optimizer's state.
         buffers: the module's buffers (``{}`` for a plain loss function).
-        step: the number of steps taken, an int64 0-d tensor.
+        step: the number of steps taken (skipped ones included), an int64 0-d tensor.
+        loss_scale: the dynamic loss scale's state when the step scales the
+            loss (``init_train_state(..., loss_scale=...)``), else ``()``: an
+            empty tuple has no leaves, so ``tree_map`` over a state only meets
+            tensors.
     """
 
     params: PyTree
     opt_state: OptState
     buffers: PyTree
     step: torch.Tensor
+    loss_scale: Union[LossScaleState, tuple[()]] = ()
 
 
 class StepMetrics(NamedTuple):
@@ -100,8 +106,13 @@ def init_train_state(
     params_or_module: PyTree | torch.nn.Module,
     optimizer: GradientTransformation,
     buffers: PyTree | None = None,
+    *,
+    loss_scale: DynamicLossScale | None = None,
 ) -> TrainState:
     """Builds the first ``TrainState`` from params (or a module) and an optimizer.
+
+    Pass the step's ``loss_scale`` (``samfunc.dynamic_loss_scale()``) when the
+    step scales the loss, so the state carries the scale from the start.
 
     Example:
         >>> import torch
@@ -114,11 +125,13 @@ def init_train_state(
     else:
         params = params_or_module
         _tree.check_detached(params, "params")
+    step = init_count(params)
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
         buffers={} if buffers is None else buffers,
-        step=init_count(params),
+        step=step,
+        loss_scale=() if loss_scale is None else loss_scale.init(step.device),
     )
 
 
@@ -150,6 +163,7 @@ class _SamSettings(NamedTuple):
     rho: RhoOrSchedule
     options: _Options
     nonfinite: NonFinitePolicy
+    loss_scale: DynamicLossScale | None
 
 
 def _settings(
@@ -163,10 +177,22 @@ def _settings(
     accum_steps: int,
     vectorize_chunks: bool,
     nonfinite: str,
+    loss_scale: DynamicLossScale | None,
 ) -> _SamSettings:
     """Checks every option once, when the step is built, never inside it."""
     rho = _check_rho(rho)
     policy = check_policy("nonfinite", nonfinite, STEP_POLICIES)
+    if loss_scale is not None:
+        if not isinstance(loss_scale, DynamicLossScale):
+            raise TypeError(
+                "loss_scale must come from samfunc.dynamic_loss_scale(), "
+                f"got {type(loss_scale).__name__}"
+            )
+        if policy != "skip":
+            raise ValueError(
+                "loss_scale skips steps with an inf or NaN gradient by design (the scale backs "
+                f"off and the step is retried), so it needs nonfinite='skip', got {policy!r}"
+            )
     options = _Options(
         0.0,
         adaptive,
@@ -178,10 +204,16 @@ def _settings(
         vectorize_chunks=vectorize_chunks,
         nonfinite="raise" if policy == "raise" else "propagate",
     )
-    return _SamSettings(sam=check_bool("sam", sam), rho=rho, options=options, nonfinite=policy)
+    return _SamSettings(
+        sam=check_bool("sam", sam),
+        rho=rho,
+        options=options,
+        nonfinite=policy,
+        loss_scale=loss_scale,
+    )
 
 
-def _gradient(
+def _passes(
     loss_fn: Callable[..., Any],
     params: PyTree,
     batch: Any,
@@ -189,6 +221,7 @@ def _gradient(
     rho: float | torch.Tensor,
     has_aux: bool,
 ) -> tuple[PyTree, Any]:
+    """SAM's two passes, or one plain gradient pass with ``sam=False``."""
     if settings.nonfinite == "raise":
         refuse_raise_under_compile()
     if settings.sam:
@@ -200,33 +233,77 @@ def _gradient(
     return grads, value
 
 
-class _Updated(NamedTuple):
-    params: PyTree
-    opt_state: OptState
-    buffers: PyTree
-    step: torch.Tensor
-    grad_norm: torch.Tensor
+class _Gradient(NamedTuple):
+    grads: PyTree
+    value: Any
     finite: torch.Tensor
+
+
+def _scaled_loss(
+    loss_fn: Callable[..., Any], scale: LossScaleState, has_aux: bool
+) -> Callable[..., Any]:
+    """``loss_fn`` with its loss multiplied by the scale; the true loss rides along as aux."""
+
+    def scaled(params: PyTree, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
+        out = loss_fn(params, batch)
+        loss, aux = out if has_aux else (out, None)
+        return scale_loss(loss, scale), (loss.detach(), aux)
+
+    return scaled
+
+
+def _gradient(
+    loss_fn: Callable[..., Any],
+    state: TrainState,
+    batch: Any,
+    settings: _SamSettings,
+    rho: float | torch.Tensor,
+    has_aux: bool,
+) -> _Gradient:
+    """The step's gradient and loss (value), unscaled, and whether the gradient is finite."""
+    if settings.loss_scale is None:
+        grads, value = _passes(loss_fn, state.params, batch, settings, rho, has_aux)
+        return _Gradient(grads, value, _tree.all_finite(grads))
+    scale = state.loss_scale
+    if not isinstance(scale, LossScaleState):
+        raise ValueError(
+            "this step scales the loss, but state.loss_scale is empty: build the state with "
+            "init_train_state(..., loss_scale=the same dynamic_loss_scale())"
+        )
+    # A normalized ascent (l2, inf) ignores the scale of g; the unnormalized one does not.
+    radius = rho / scale.scale if settings.options.norm == "none" else rho
+    scaled = _scaled_loss(loss_fn, scale, has_aux)
+    grads, (_, (loss, aux)) = _passes(scaled, state.params, batch, settings, radius, True)
+    grads, finite = unscale_grads(grads, scale)
+    loss = loss.mean() if loss.ndim else loss  # one loss per chunk or micro-batch: the mean
+    return _Gradient(grads, (loss, aux) if has_aux else loss, finite)
+
+
+class _Updated(NamedTuple):
+    state: TrainState
+    grad_norm: torch.Tensor
 
 
 def _update(
     optimizer: GradientTransformation,
+    settings: _SamSettings,
     state: TrainState,
-    grads: PyTree,
+    gradient: _Gradient,
     buffers: PyTree,
-    nonfinite: NonFinitePolicy,
 ) -> _Updated:
     """The optimizer's update; with ``"skip"``, the old state where the gradient is not finite."""
+    grads, finite = gradient.grads, gradient.finite
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = apply_updates(state.params, updates)
-    grad_norm = _tree.global_norm(grads)
-    finite = torch.isfinite(grad_norm)
-    step = state.step + 1
-    if nonfinite == "skip":
+    if settings.nonfinite == "skip":
         params = _tree.where(finite, params, state.params)
         opt_state = _tree.where(finite, opt_state, state.opt_state)
         buffers = _tree.where(finite, buffers, state.buffers)
-    return _Updated(params, opt_state, buffers, step, grad_norm, finite)
+    loss_scale = state.loss_scale
+    if settings.loss_scale is not None and isinstance(loss_scale, LossScaleState):
+        loss_scale = settings.loss_scale.update(loss_scale, finite)
+    new_state = TrainState(params, opt_state, buffers, state.step + 1, loss_scale)
+    return _Updated(new_state, _tree.global_norm(grads))
 
 
 def make_train_step(
@@ -243,6 +320,7 @@ def make_train_step(
     accum_steps: int = 1,
     vectorize_chunks: bool = True,
     nonfinite: NonFinitePolicy = "skip",
+    loss_scale: DynamicLossScale | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
     """A pure SAM train step for ``loss_fn(params, batch) -> scalar loss``.
 
@@ -264,6 +342,12 @@ def make_train_step(
             ``torch.amp.GradScaler`` skips a step; ``"raise"`` raises
             ``NonFiniteGradientError`` naming the pass (eager only);
             ``"propagate"`` applies it.
+        loss_scale: dynamic loss scaling for float16 training, the functional
+            ``torch.amp.GradScaler``: ``samfunc.dynamic_loss_scale()``. Both
+            passes run on the loss times the scale (from ``state.loss_scale``;
+            build the state with ``init_train_state(..., loss_scale=...)``),
+            the gradient is unscaled once, and a step with an inf or NaN is
+            skipped while the scale backs off. Needs ``nonfinite="skip"``.
 
     Returns:
         ``step(state, batch) -> (new_state, StepMetrics)``; wrap it in
@@ -279,16 +363,25 @@ def make_train_step(
         >>> state, metrics = step(state, torch.randn(8, 3))
     """
     settings = _settings(
-        sam, rho, adaptive, eta, norm, mask, num_chunks, accum_steps, vectorize_chunks, nonfinite
+        sam,
+        rho,
+        adaptive,
+        eta,
+        norm,
+        mask,
+        num_chunks,
+        accum_steps,
+        vectorize_chunks,
+        nonfinite,
+        loss_scale,
     )
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, StepMetrics]:
         rho_now, rho_metric = _rho_at(settings.rho, state.step)
-        grads, loss = _gradient(loss_fn, state.params, batch, settings, rho_now, has_aux=False)
-        new = _update(optimizer, state, grads, state.buffers, settings.nonfinite)
-        new_state = TrainState(new.params, new.opt_state, new.buffers, new.step)
-        metrics = StepMetrics(loss, new.grad_norm, rho_metric, finite=new.finite)
-        return new_state, metrics
+        gradient = _gradient(loss_fn, state, batch, settings, rho_now, has_aux=False)
+        new = _update(optimizer, settings, state, gradient, state.buffers)
+        metrics = StepMetrics(gradient.value, new.grad_norm, rho_metric, finite=gradient.finite)
+        return new.state, metrics
 
     return step
 
@@ -316,6 +409,7 @@ def make_module_train_step(
     accum_steps: int = 1,
     vectorize_chunks: bool = True,
     nonfinite: NonFinitePolicy = "skip",
+    loss_scale: DynamicLossScale | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
     """A pure SAM train step for an ``nn.Module``, with its buffers threaded through.
 
@@ -338,18 +432,28 @@ def make_module_train_step(
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     settings = _settings(
-        sam, rho, adaptive, eta, norm, mask, num_chunks, accum_steps, vectorize_chunks, nonfinite
+        sam,
+        rho,
+        adaptive,
+        eta,
+        norm,
+        mask,
+        num_chunks,
+        accum_steps,
+        vectorize_chunks,
+        nonfinite,
+        loss_scale,
     )
     parts = num_chunks * accum_steps if settings.sam else 1
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, StepMetrics]:
         rho_now, rho_metric = _rho_at(settings.rho, state.step)
         loss_fn = module_loss(module, criterion, state.buffers)
-        grads, (loss, aux) = _gradient(loss_fn, state.params, batch, settings, rho_now, True)
+        gradient = _gradient(loss_fn, state, batch, settings, rho_now, True)
+        loss, aux = gradient.value
         aux = _merge_parts(aux, parts)
-        new = _update(optimizer, state, grads, aux.buffers, settings.nonfinite)
-        new_state = TrainState(new.params, new.opt_state, new.buffers, new.step)
-        metrics = StepMetrics(loss, new.grad_norm, rho_metric, aux.output, new.finite)
-        return new_state, metrics
+        new = _update(optimizer, settings, state, gradient, aux.buffers)
+        metrics = StepMetrics(loss, new.grad_norm, rho_metric, aux.output, gradient.finite)
+        return new.state, metrics
 
     return step

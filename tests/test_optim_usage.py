@@ -353,7 +353,9 @@ def test_sparse_gradients_get_a_clear_error() -> None:
 # --- item 12: GradScaler and autocast ----------------------------------------------------------
 
 
-def scaled_run(scaler: torch.amp.GradScaler | None, dtype: torch.dtype = DTYPE) -> Any:
+def scaled_run(
+    scaler: torch.amp.GradScaler | None, dtype: torch.dtype = DTYPE, clip: bool = False
+) -> Any:
     model, batches = make()
     model = model.to(dtype)
     opt = sam(model)
@@ -364,18 +366,22 @@ def scaled_run(scaler: torch.amp.GradScaler | None, dtype: torch.dtype = DTYPE) 
         opt.first_step(zero_grad=True, scaler=scaler)
         loss = F.cross_entropy(model(x), y)
         (loss if scaler is None else scaler.scale(loss)).backward()
+        if clip and scaler is not None:  # the README's clipping recipe, with a bound never hit
+            scaler.unscale_(opt.base_optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)
         opt.second_step(zero_grad=True, scaler=scaler)
         if scaler is not None:
             scaler.update()
     return params_of(model), opt
 
 
-def test_grad_scaler_unscales_once_per_pass() -> None:
+@pytest.mark.parametrize("clip", [False, True])
+def test_grad_scaler_unscales_once_per_pass(clip: bool) -> None:
     """With a power-of-two scale and no overflow, scaling is exact: the run equals the unscaled
     one bitwise. Unscaling one pass twice, or not at all, would change it."""
     expected, _ = scaled_run(None, torch.float32)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-    actual, opt = scaled_run(scaler, torch.float32)
+    actual, opt = scaled_run(scaler, torch.float32, clip)
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert scaler.get_scale() == 2.0**13 and opt.skipped_steps == 0  # grew every 2 steps

@@ -9,7 +9,7 @@ import torch
 
 import samfunc
 
-from .helpers import assert_trees_close
+from .helpers import assert_trees_close, assert_trees_equal
 from .test_optim import STEPS, assert_states_close, make, run_seed
 
 F = torch.nn.functional
@@ -96,3 +96,100 @@ def test_builders_validate_their_arguments() -> None:
         samfunc.make_train_step(lambda p, b: p, opt, num_chunks=2, accum_steps=2)
     with pytest.raises(TypeError, match=r"module must be a torch\.nn\.Module"):
         samfunc.make_module_train_step(None, F.cross_entropy, opt)  # type: ignore[arg-type]
+
+
+# --- dynamic loss scaling in the train steps ----------------------------------------------------
+
+
+def _scaled_module_run(loss_scale: Any, **options: Any) -> Any:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
+    opt = samfunc.sgd(0.1, momentum=0.9)
+    step = samfunc.make_module_train_step(
+        model, F.cross_entropy, opt, loss_scale=loss_scale, **options
+    )
+    state = samfunc.init_train_state(model, opt, loss_scale=loss_scale)
+    generator = torch.Generator().manual_seed(2)
+    losses = []
+    for _ in range(6):
+        batch = (
+            torch.randn(8, 4, generator=generator),
+            torch.randint(0, 3, (8,), generator=generator),
+        )
+        state, metrics = step(state, batch)
+        losses.append(metrics.loss)
+    return state, torch.stack(losses)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"norm": "none", "rho": 0.01}, {"accum_steps": 2}, {"sam": False}],
+    ids=["l2", "norm-none", "accum", "plain"],
+)
+def test_loss_scaled_step_equals_the_unscaled_step(options: dict[str, Any]) -> None:
+    """A power-of-two scale without overflow is exact: the run is the unscaled one, bitwise.
+    Scaling a pass twice or not unscaling would change it (norm="none" would climb S times
+    too far without the radius adjustment)."""
+    expected, expected_losses = _scaled_module_run(None, **options)
+    scaler = samfunc.dynamic_loss_scale(init_scale=2.0**10, growth_interval=2)
+    actual, losses = _scaled_module_run(scaler, **options)
+    assert_trees_equal(expected.params, actual.params)
+    assert_trees_equal(expected.buffers, actual.buffers)
+    assert torch.equal(expected_losses, losses)
+    assert float(actual.loss_scale.scale) == 2.0**13  # grew every 2 finite steps
+
+
+def test_loss_scaled_step_skips_an_overflow_and_backs_off() -> None:
+    params = {"w": torch.tensor([1.0, -2.0])}
+    opt = samfunc.sgd(0.1)
+    scaler = samfunc.dynamic_loss_scale(init_scale=2.0**8)
+
+    def loss_fn(p: Any, batch: torch.Tensor) -> torch.Tensor:
+        return ((p["w"] * batch) ** 2).sum()
+
+    step = samfunc.make_train_step(loss_fn, opt, loss_scale=scaler)
+    state = samfunc.init_train_state(params, opt, loss_scale=scaler)
+    state, metrics = step(state, torch.tensor([1.0, float("inf")]))
+    assert not bool(metrics.finite)
+    assert torch.equal(state.params["w"], params["w"])
+    assert float(state.loss_scale.scale) == 2.0**7
+    state, metrics = step(state, torch.ones(2))
+    assert bool(metrics.finite) and not torch.equal(state.params["w"], params["w"])
+
+
+def test_float16_autocast_with_loss_scaling_trains() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+
+    def loss_fn(p: Any, batch: Any) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = torch.func.functional_call(model, p, (batch[0],))
+        return F.cross_entropy(logits.float(), batch[1])
+
+    opt = samfunc.sgd(0.1, momentum=0.9)
+    scaler = samfunc.dynamic_loss_scale()
+    step = samfunc.make_train_step(loss_fn, opt, loss_scale=scaler)
+    state = samfunc.init_train_state(samfunc.module_params(model), opt, loss_scale=scaler)
+    losses = []
+    for _ in range(15):
+        state, metrics = step(state, (x, y))
+        losses.append(float(metrics.loss))
+    assert all(p.dtype == torch.float32 for p in state.params.values())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_loss_scale_options_are_checked_when_built() -> None:
+    opt = samfunc.sgd(0.1)
+    loss_fn = lambda p, b: p["w"].sum()  # noqa: E731
+    with pytest.raises(ValueError, match="needs nonfinite='skip'"):
+        samfunc.make_train_step(
+            loss_fn, opt, loss_scale=samfunc.dynamic_loss_scale(), nonfinite="raise"
+        )
+    with pytest.raises(TypeError, match="dynamic_loss_scale"):
+        samfunc.make_train_step(loss_fn, opt, loss_scale=2.0**16)  # type: ignore[arg-type]
+    step = samfunc.make_train_step(loss_fn, opt, loss_scale=samfunc.dynamic_loss_scale())
+    with pytest.raises(ValueError, match=r"state\.loss_scale is empty"):
+        step(samfunc.init_train_state({"w": torch.ones(2)}, opt), None)
