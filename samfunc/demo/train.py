@@ -169,7 +169,7 @@ def eval_loss_fn(model: nn.Module, state: samfunc.TrainState) -> Callable[[Any, 
 
 
 def top_eigenvalue(
-    model: nn.Module, state: samfunc.TrainState, data: Dataset, iters: int = 20
+    model: nn.Module, state: samfunc.TrainState, data: Dataset, iters: int = 200
 ) -> float:
     """Top Hessian eigenvalue of the training loss at the trained weights (eval mode)."""
     was_training = model.training
@@ -180,7 +180,7 @@ def top_eigenvalue(
             state.params,
             (data.x_train, data.y_train),
             iters=iters,
-            tol=1e-3,
+            tol=1e-2,
         )
     finally:
         model.train(was_training)
