@@ -230,19 +230,25 @@ def global_norm(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return _leaf_norms(tensors, 2, dtype, fused).square().sum().sqrt()
+
+
+def _leaf_norms(
+    tensors: Sequence[torch.Tensor], ord: float, dtype: torch.dtype | None, fused: bool
+) -> torch.Tensor:
+    """Each leaf's norm (one fused ``_foreach_norm`` per device), on the first leaf's device."""
     home = tensors[0].device
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
-    squares = []
+    stacks = []
     for device_tensors in by_device.values():
         if fused:
-            norms = torch._foreach_norm(device_tensors, 2, dtype=dtype)
+            norms = torch._foreach_norm(device_tensors, ord, dtype=dtype)
         else:
-            norms = tuple(torch.linalg.vector_norm(t, dtype=dtype) for t in device_tensors)
-        squares.append(torch.stack(norms).square().sum().to(home))
-    total = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
-    return total.sqrt()
+            norms = tuple(torch.linalg.vector_norm(t, ord, dtype=dtype) for t in device_tensors)
+        stacks.append(torch.stack(list(norms)).to(home))
+    return stacks[0] if len(stacks) == 1 else torch.cat(stacks)
 
 
 def all_finite(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
@@ -264,18 +270,7 @@ def all_finite(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
     tensors = [t for t in leaves(tree) if t.numel()]
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    home = tensors[0].device
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    flags = []
-    for device_tensors in by_device.values():
-        if fused:
-            norms = torch._foreach_norm(device_tensors, math.inf)
-        else:
-            norms = tuple(torch.linalg.vector_norm(t, math.inf) for t in device_tensors)
-        flags.append(torch.isfinite(torch.stack(list(norms))).all().to(home))
-    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+    return torch.isfinite(_leaf_norms(tensors, math.inf, None, fused)).all()
 
 
 def where(condition: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:
