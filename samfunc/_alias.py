@@ -20,7 +20,7 @@ from ._transform import (
     scale_by_learning_rate,
     trace,
 )
-from ._validate import check_bool, check_nonnegative
+from ._validate import check_bool, check_nonnegative, check_number
 
 __all__ = ["sgd", "adam", "adamw"]
 
@@ -59,6 +59,10 @@ def sgd(
     nesterov = check_bool("nesterov", nesterov)
     if nesterov and momentum == 0.0:
         raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum}")
+    weight_decay = check_nonnegative("weight_decay", weight_decay)
+    dampening = check_number("dampening", dampening)
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"dampening must be in [0, 1], got {dampening}")
     parts = [add_decayed_weights(weight_decay)] if weight_decay else []
     if momentum > 0.0:
         parts.append(trace(momentum, dampening=dampening, nesterov=nesterov))

@@ -515,14 +515,16 @@ def _sam_single(
         devices = _cuda_devices(params)
         before = _rng_states(devices)
         grads, value = grad_fn(params, batch)
-        options.check_pass(grads, FIRST_PASS, value, has_aux)
+        if fused:
+            options.check_pass(grads, FIRST_PASS, value, has_aux)
         perturbed = options.perturb(params, grads, rho, fused)
         # Replay the first pass's random draws (dropout masks) in the second pass,
         # then leave the generators where the first pass left them.
         with torch.random.fork_rng(devices=devices):
             _set_rng_states(before, devices)
             sam_grads, perturbed_value = grad_fn(perturbed, batch)
-    options.check_pass(sam_grads, SECOND_PASS, perturbed_value, has_aux)
+    if fused:
+        options.check_pass(sam_grads, SECOND_PASS, perturbed_value, has_aux)
     return sam_grads, value
 
 

@@ -162,9 +162,20 @@ def step_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Sche
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
         decays = torch.floor(_as_float(count) / step_size)
-        return init_value * torch.pow(torch.full_like(decays, gamma), decays)
+        return _geometric(init_value, gamma, decays)
 
     return _with_range(schedule, *_geometric_range(init_value, gamma))
+
+
+def _geometric(init_value: float, gamma: float, decays: torch.Tensor) -> torch.Tensor:
+    """``init_value * gamma**decays`` as float32, computed wider where the device has float64.
+
+    ``gamma**k`` alone can overflow float32 (3**81) while the product fits (1e-10 * 3**81).
+    """
+    wide = torch.float32 if decays.device.type == "mps" else torch.float64
+    exponent = decays.to(wide)
+    value = init_value * torch.pow(torch.full_like(exponent, gamma), exponent)
+    return value.to(torch.float32)
 
 
 def _geometric_range(init_value: float, gamma: float) -> tuple[float, float]:
@@ -185,17 +196,17 @@ def multistep_schedule(
     """
     init_value = check_number("init_value", init_value)
     gamma = check_positive("gamma", gamma)
-    milestones = sorted(milestones)
     for milestone in milestones:
         if isinstance(milestone, bool) or not isinstance(milestone, int) or milestone < 0:
             raise ValueError(f"milestones must be ints >= 0, got {list(milestones)}")
+    milestones = sorted(milestones)
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
         count_f = _as_float(count)
         decays = torch.zeros_like(count_f)
         for milestone in milestones:
             decays = decays + (count_f >= milestone).to(torch.float32)
-        return init_value * torch.pow(torch.full_like(decays, gamma), decays)
+        return _geometric(init_value, gamma, decays)
 
     low, high = _geometric_range(init_value, gamma)
     return _with_range(schedule, low, high)

@@ -31,7 +31,7 @@ from . import _tree
 from ._grad import grad_and_value
 from ._sam import _split_batch, perturbation
 from ._tree import PyTree
-from ._validate import check_nonnegative, check_positive, check_positive_int
+from ._validate import check_bool, check_nonnegative, check_positive, check_positive_int
 
 __all__ = [
     "Sharpness",
@@ -49,7 +49,7 @@ LossFn = Callable[..., Any]
 
 
 def _loss_only(loss_fn: LossFn, has_aux: bool) -> Callable[[PyTree, Any], torch.Tensor]:
-    if not has_aux:
+    if not check_bool("has_aux", has_aux):
         return loss_fn
 
     def loss(params: PyTree, batch: Any) -> torch.Tensor:
@@ -76,6 +76,10 @@ def _random_like(params: PyTree, generator: torch.Generator, rademacher: bool = 
     return _tree.tree_map(draw, params)
 
 
+def _dense(leaf: torch.Tensor) -> torch.Tensor:
+    return leaf.contiguous()
+
+
 def hessian_vector_product(
     loss_fn: LossFn, params: PyTree, batch: Any, vector: PyTree, *, has_aux: bool = False
 ) -> PyTree:
@@ -94,6 +98,8 @@ def hessian_vector_product(
     """
     _tree.check_same_structure(params, vector, "params", "vector")
     loss = _loss_only(loss_fn, has_aux)
+    # jvp has no rule for expanded (stride-0) leaves: dense copies, only where not dense.
+    params, vector = _tree.tree_map(_dense, params), _tree.tree_map(_dense, vector)
     outputs = jvp(lambda p: grad(loss)(p, batch), (params,), (vector,))
     return outputs[1]
 
@@ -235,7 +241,10 @@ def top_hessian_eigenvalue(
     tol = check_positive("tol", tol)
     generator = torch.Generator().manual_seed(seed)
     vector = _random_like(params, generator)
-    vector = _tree.scale(vector, 1.0 / float(_tree.global_norm(vector)))
+    start_norm = float(_tree.global_norm(vector))
+    if start_norm == 0.0:
+        raise ValueError("params has no elements: there is no Hessian to measure")
+    vector = _tree.scale(vector, 1.0 / start_norm)
     eigenvalue = torch.zeros((), dtype=torch.float64)
     residual, done, why = math.inf, 0, ""
     for done in range(1, iters + 1):
@@ -310,10 +319,14 @@ def random_direction(
     at most one dimension (biases, normalization parameters) get zero, as in
     the paper.
     """
+    check_bool("filter_normalize", filter_normalize)
+    check_bool("ignore_1d", ignore_1d)
     generator = torch.Generator().manual_seed(seed)
     direction = _random_like(params, generator)
 
     def normalize(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if d.numel() == 0:
+            return d
         if w.ndim <= 1:
             return torch.zeros_like(d) if ignore_1d else d * (w.norm() / (d.norm() + 1e-10))
         if not filter_normalize:

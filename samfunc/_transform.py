@@ -95,6 +95,11 @@ def _empty_init(params: Params) -> EmptyState:
     return EmptyState()
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is a 16-bit float, else ``t`` itself (no copy)."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
 def _scalar_dtype(device: torch.device) -> torch.dtype:
     """The most precise float dtype for per-step scalars on ``device``."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -235,15 +240,19 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
 
     ``mu`` and ``nu`` are exponential moving averages of ``g`` and ``g**2``;
     the update is ``(mu / (1 - b1**t)) / (sqrt(nu) / sqrt(1 - b2**t) + eps)``.
+    For float16/bfloat16 leaves the moments and the arithmetic are float32 (the
+    update is cast back): in float16, ``eps = 1e-8`` and ``g**2`` of a small
+    gradient underflow to 0, and ``torch.optim.Adam`` returns NaN there.
     """
     b1 = check_in_interval("b1", b1, 0.0, 1.0)
     b2 = check_in_interval("b2", b2, 0.0, 1.0)
     eps = check_positive("eps", eps)
 
+    def moments(params: Params) -> Params:
+        return _tree.tree_map(lambda p: torch.zeros_like(p, dtype=_wide(p).dtype), params)
+
     def init(params: Params) -> ScaleByAdamState:
-        return ScaleByAdamState(
-            step=init_count(params), mu=_tree.zeros_like(params), nu=_tree.zeros_like(params)
-        )
+        return ScaleByAdamState(step=init_count(params), mu=moments(params), nu=moments(params))
 
     def update(
         updates: Updates, state: OptState, params: Optional[Params] = None
@@ -251,7 +260,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         del params
         check_state("scale_by_adam", state, ScaleByAdamState)
         _tree.check_same_shapes(state.mu, updates, "the optimizer state", "updates")
-        grads, spec = _tree.flatten(updates)
+        given, spec = _tree.flatten(updates)
+        grads = [_wide(g) for g in given]
         new_step = state.step + 1
         mu = torch._foreach_lerp(_tree.leaves(state.mu), grads, 1.0 - b1)
         nu = torch._foreach_addcmul(
@@ -265,7 +275,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         denom = torch._foreach_add(
             torch._foreach_div(torch._foreach_sqrt(nu), bias_correction2_sqrt), eps
         )
-        out = torch._foreach_div(torch._foreach_div(mu, denom), bias_correction1)
+        wide_out = torch._foreach_div(torch._foreach_div(mu, denom), bias_correction1)
+        out = [o.to(g.dtype) for o, g in zip(wide_out, given)]
         new_state = ScaleByAdamState(
             step=new_step, mu=_tree.unflatten(mu, spec), nu=_tree.unflatten(nu, spec)
         )
