@@ -168,14 +168,17 @@ def step_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Sche
 
 
 def _geometric(init_value: float, gamma: float, decays: torch.Tensor) -> torch.Tensor:
-    """``init_value * gamma**decays`` as float32, computed wider where the device has float64.
+    """``init_value * gamma**decays`` as float32, in log space and float64 where available.
 
-    ``gamma**k`` alone can overflow float32 (3**81) while the product fits (1e-10 * 3**81).
+    ``gamma**k`` alone can overflow (2**1024) while the product fits
+    (1e-300 * 2**1024 = 1.8e8); ``log|init| + k log(gamma)`` cannot.
     """
     wide = torch.float32 if decays.device.type == "mps" else torch.float64
     exponent = decays.to(wide)
-    value = init_value * torch.pow(torch.full_like(exponent, gamma), exponent)
-    return value.to(torch.float32)
+    if init_value == 0.0:
+        return torch.zeros_like(exponent, dtype=torch.float32)
+    log_value = math.log(abs(init_value)) + exponent * math.log(gamma)
+    return (math.copysign(1.0, init_value) * torch.exp(log_value)).to(torch.float32)
 
 
 def _geometric_range(init_value: float, gamma: float) -> tuple[float, float]:

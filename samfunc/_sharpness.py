@@ -80,6 +80,14 @@ def _dense(leaf: torch.Tensor) -> torch.Tensor:
     return leaf.contiguous()
 
 
+def _measured_hvp(
+    loss_fn: LossFn, params: PyTree, batch: Any, vector: PyTree, has_aux: bool
+) -> PyTree:
+    """``H v`` for a measurement: detached, so params that require grad build no graph."""
+    product = hessian_vector_product(loss_fn, params, batch, vector, has_aux=has_aux)
+    return _tree.tree_map(lambda t: t.detach(), product)
+
+
 def hessian_vector_product(
     loss_fn: LossFn, params: PyTree, batch: Any, vector: PyTree, *, has_aux: bool = False
 ) -> PyTree:
@@ -175,6 +183,7 @@ def worst_case_loss(
     results = [_ascend(loss, params, part, rho, steps, size) for part in parts]
     value = torch.stack([v for v, _ in results]).mean()
     worst = torch.stack([w for _, w in results]).mean()
+    value, worst = value.detach(), worst.detach()  # measurements, not part of a graph
     return Sharpness(loss=value, worst_loss=worst, sharpness=worst - value)
 
 
@@ -248,7 +257,7 @@ def top_hessian_eigenvalue(
     eigenvalue = torch.zeros((), dtype=torch.float64)
     residual, done, why = math.inf, 0, ""
     for done in range(1, iters + 1):
-        product = hessian_vector_product(loss_fn, params, batch, vector, has_aux=has_aux)
+        product = _measured_hvp(loss_fn, params, batch, vector, has_aux)
         eigenvalue = _dot(vector, product)
         residual = _residual_norm(product, eigenvalue, vector)
         if residual <= tol * abs(float(eigenvalue)):
@@ -296,7 +305,7 @@ def hessian_trace(
     values = []
     for _ in range(samples):
         v = _random_like(params, generator, rademacher=True)
-        values.append(_dot(v, hessian_vector_product(loss_fn, params, batch, v, has_aux=has_aux)))
+        values.append(_dot(v, _measured_hvp(loss_fn, params, batch, v, has_aux)))
     stacked = torch.stack(values)
     error = (
         stacked.std() / math.sqrt(samples) if samples > 1 else torch.zeros((), dtype=torch.float64)
@@ -336,7 +345,8 @@ def random_direction(
         ratio: torch.Tensor = (w_norms / (d_norms + 1e-10)).reshape(-1, *([1] * (d.ndim - 1)))
         return d * ratio
 
-    normalized: PyTree = _tree.tree_map(normalize, direction, params)
+    with torch.no_grad():  # a direction to plot along, not part of a graph
+        normalized: PyTree = _tree.tree_map(normalize, direction, params)
     return normalized
 
 

@@ -109,7 +109,7 @@ def check_rho(value: Any, name: str = "rho") -> float | torch.Tensor:
                 f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
             )
         if value.device.type == "cpu" and not torch.compiler.is_compiling():
-            check_nonnegative(name, float(value))
+            check_nonnegative(name, float(value.detach()))
             return value
         return guard_radius(value)
     return check_nonnegative(name, value)

@@ -1,4 +1,6 @@
 import os
+import sys
+from typing import Any
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -16,6 +18,26 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Prints how many inputs the fuzz properties tried, when tests/test_fuzz.py ran."""
+    fuzz = next(
+        (
+            module
+            for name, module in list(sys.modules.items())
+            if name.rsplit(".", 1)[-1] == "test_fuzz" and hasattr(module, "INPUTS_TRIED")
+        ),
+        None,
+    )
+    if fuzz is None or not fuzz.INPUTS_TRIED:
+        return
+    tried = fuzz.INPUTS_TRIED
+    terminalreporter.write_line(
+        f"fuzz: {sum(tried.values())} inputs tried over {len(tried)} properties "
+        f"(hypothesis profile {PROFILE})"
+    )
