@@ -72,7 +72,7 @@ def raise_if_nonfinite(grads: PyTree, where: str, loss: Any = None) -> None:
         where: which gradient it is, for the message (e.g. ``"the first pass, at w"``).
         loss: the loss of that pass, shown in the message when given.
     """
-    if bool(_tree.all_finite(grads)):
+    if _tree.norm_is_finite(grads):
         return
     path = first_nonfinite_path(grads)
     at = f", first at leaf {path!r}" if path is not None else " (its norm overflows)"

@@ -198,7 +198,7 @@ class SAM(torch.optim.Optimizer):
         """Applies the non-finite policy to one pass; returns whether to go on."""
         if self.nonfinite == "propagate" and not scaled:
             return True
-        if not grads or bool(_tree.all_finite(grads)):
+        if not grads or _tree.norm_is_finite(grads):
             return True
         if self.nonfinite == "raise" and not scaled:
             raise_if_nonfinite(grads, where)
@@ -294,7 +294,7 @@ class SAM(torch.optim.Optimizer):
         if scaler is not None:
             scaler.step(self.base_optimizer)
             grads = self._gradient_tree(list(self._with_grads()))
-            if grads and not bool(_tree.all_finite(grads)):
+            if grads and not _tree.norm_is_finite(grads):
                 self.skipped_steps += 1  # scaler.step skipped it
             return
         grads = self._gradient_tree(list(self._with_grads()))

@@ -90,9 +90,12 @@ class StepMetrics(NamedTuple):
         output: the module's detached output for this batch
             (``make_module_train_step`` only; ``None`` otherwise).
         finite: a 0-d bool tensor, False when the gradient had a NaN or inf
-            element; with ``nonfinite="skip"`` the step was then skipped: params,
-            buffers and optimizer state came back unchanged (``state.step``
-            still counts the attempt, so a rho schedule moves on).
+            element (read from ``grad_norm``, so also when that float32 norm
+            overflows: elements beyond ~1e19; with ``loss_scale``, element by
+            element, as ``torch.amp.GradScaler``). With ``nonfinite="skip"`` the
+            step was then skipped: params, buffers and optimizer state came back
+            unchanged (``state.step`` still counts the attempt, so a rho
+            schedule moves on).
     """
 
     loss: torch.Tensor
@@ -236,7 +239,7 @@ def _passes(
 class _Gradient(NamedTuple):
     grads: PyTree
     value: Any
-    finite: torch.Tensor
+    finite: torch.Tensor | None  # None: read it from the gradient's norm
 
 
 def _scaled_loss(
@@ -263,7 +266,7 @@ def _gradient(
     """The step's gradient and loss (value), unscaled, and whether the gradient is finite."""
     if settings.loss_scale is None:
         grads, value = _passes(loss_fn, state.params, batch, settings, rho, has_aux)
-        return _Gradient(grads, value, _tree.all_finite(grads))
+        return _Gradient(grads, value, None)
     scale = state.loss_scale
     if not isinstance(scale, LossScaleState):
         raise ValueError(
@@ -282,6 +285,7 @@ def _gradient(
 class _Updated(NamedTuple):
     state: TrainState
     grad_norm: torch.Tensor
+    finite: torch.Tensor
 
 
 def _update(
@@ -292,7 +296,11 @@ def _update(
     buffers: PyTree,
 ) -> _Updated:
     """The optimizer's update; with ``"skip"``, the old state where the gradient is not finite."""
-    grads, finite = gradient.grads, gradient.finite
+    grads = gradient.grads
+    grad_norm = _tree.global_norm(grads)
+    # The norm is reported anyway; it is finite exactly when every element is, unless
+    # the float32 norm itself overflows (elements beyond ~1e19), a step no one can use.
+    finite = torch.isfinite(grad_norm) if gradient.finite is None else gradient.finite
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = apply_updates(state.params, updates)
     if settings.nonfinite == "skip":
@@ -303,7 +311,7 @@ def _update(
     if settings.loss_scale is not None and isinstance(loss_scale, LossScaleState):
         loss_scale = settings.loss_scale.update(loss_scale, finite)
     new_state = TrainState(params, opt_state, buffers, state.step + 1, loss_scale)
-    return _Updated(new_state, _tree.global_norm(grads))
+    return _Updated(new_state, grad_norm, finite)
 
 
 def make_train_step(
@@ -380,7 +388,7 @@ def make_train_step(
         rho_now, rho_metric = _rho_at(settings.rho, state.step)
         gradient = _gradient(loss_fn, state, batch, settings, rho_now, has_aux=False)
         new = _update(optimizer, settings, state, gradient, state.buffers)
-        metrics = StepMetrics(gradient.value, new.grad_norm, rho_metric, finite=gradient.finite)
+        metrics = StepMetrics(gradient.value, new.grad_norm, rho_metric, finite=new.finite)
         return new.state, metrics
 
     return step
@@ -453,7 +461,7 @@ def make_module_train_step(
         loss, aux = gradient.value
         aux = _merge_parts(aux, parts)
         new = _update(optimizer, settings, state, gradient, aux.buffers)
-        metrics = StepMetrics(loss, new.grad_norm, rho_metric, aux.output, gradient.finite)
+        metrics = StepMetrics(loss, new.grad_norm, rho_metric, aux.output, new.finite)
         return new.state, metrics
 
     return step

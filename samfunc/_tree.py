@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, Union
 
@@ -42,6 +41,7 @@ __all__ = [
     "check_detached",
     "global_norm",
     "all_finite",
+    "norm_is_finite",
     "where",
     "mul_leaves",
     "mul_lists",
@@ -233,16 +233,21 @@ def global_norm(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
     return _leaf_norms(tensors, 2, dtype, fused).square().sum().sqrt()
 
 
+def _by_device(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by device, in order of first appearance (one foreach call each)."""
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return list(groups.values())
+
+
 def _leaf_norms(
     tensors: Sequence[torch.Tensor], ord: float, dtype: torch.dtype | None, fused: bool
 ) -> torch.Tensor:
     """Each leaf's norm (one fused ``_foreach_norm`` per device), on the first leaf's device."""
     home = tensors[0].device
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
     stacks = []
-    for device_tensors in by_device.values():
+    for device_tensors in _by_device(tensors):
         if fused:
             norms = torch._foreach_norm(device_tensors, ord, dtype=dtype)
         else:
@@ -254,14 +259,15 @@ def _leaf_norms(
 def all_finite(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
     """A 0-d bool tensor: True when every element of every leaf is finite.
 
-    Exact, with no device sync: the largest magnitude of each leaf (its
-    inf-norm, one fused ``torch._foreach_norm`` per device) is finite exactly
-    when the leaf is, NaN included, and unlike a sum of squares it cannot
-    overflow for finite elements. Empty leaves count as finite.
+    Exact, with no device sync: ``0 * x`` is 0 for a finite ``x`` and NaN for
+    an inf or NaN, so the largest element of ``0 * leaf`` (one fused
+    ``torch._foreach_max``) is 0 exactly when the leaf is finite; finite values
+    of any size count as finite (no norm to overflow). Empty leaves count as
+    finite. Where a sync is fine, ``norm_is_finite`` first is cheaper.
 
     Example:
         >>> import torch
-        >>> bool(all_finite({"w": torch.tensor([1.0, float("nan")])}))
+        >>> bool(all_finite({"w": torch.tensor([1.0, -float("inf")])}))
         False
         >>> huge = {"w": torch.full((1000,), 3e38), "v": torch.tensor([1e300], dtype=torch.float64)}
         >>> bool(all_finite(huge))
@@ -270,7 +276,27 @@ def all_finite(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
     tensors = [t for t in leaves(tree) if t.numel()]
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(_leaf_norms(tensors, math.inf, None, fused)).all()
+    home = tensors[0].device
+    flags = []
+    # Dynamo cannot trace _foreach_max; inductor fuses the per-leaf form anyway.
+    fused = fused and not torch.compiler.is_compiling()
+    for device_tensors in _by_device(tensors):
+        if fused:
+            maxima = torch._foreach_max(torch._foreach_mul(device_tensors, 0.0))
+        else:
+            maxima = tuple((t * 0.0).max() for t in device_tensors)
+        flags.append(torch.isfinite(torch.stack(list(maxima))).all().to(home))
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+
+
+def norm_is_finite(tree: PyTree) -> bool:
+    """Whether every element of ``tree`` is finite, read on the host (a device sync).
+
+    The global L2 norm (cheap, fused) is finite only if every element is; only
+    when it is not (a NaN or inf, or a norm beyond float32) does the exact
+    ``all_finite`` run, so finite gradients of any size pass.
+    """
+    return bool(torch.isfinite(global_norm(tree))) or bool(all_finite(tree))
 
 
 def where(condition: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:
