@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -213,7 +214,10 @@ def functional_step(
 ) -> Callable[[], None]:
     model, batch = fresh_model(spec, device), make_batch(spec, device)
     opt = samfunc.sgd(LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    train_step = samfunc.make_module_train_step(model, F.cross_entropy, opt, rho=RHO)
+    nonfinite = os.environ.get("SAMFUNC_BENCH_NONFINITE", "skip")  # set by --nonfinite
+    train_step = samfunc.make_module_train_step(
+        model, F.cross_entropy, opt, rho=RHO, nonfinite=nonfinite
+    )
 
     def with_precision(state: samfunc.TrainState, batch: Any) -> Any:
         with autocast(device, bf16):
@@ -582,6 +586,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5, help="steps per memory subprocess")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--nonfinite",
+        default="skip",
+        choices=["skip", "propagate"],
+        help="the functional steps' non-finite policy (default skip: torch.where on the state)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument(
@@ -591,6 +601,7 @@ def main() -> None:
         "--render", type=Path, help="rewrite the .md of a results .json; measure nothing"
     )
     args = parser.parse_args()
+    os.environ["SAMFUNC_BENCH_NONFINITE"] = args.nonfinite  # children inherit it
 
     if args.render:
         results = json.loads(args.render.read_text())
