@@ -166,8 +166,7 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
         check_state("apply_if_finite", state, ApplyIfFiniteState)
         finite = _tree.all_finite(updates)
         new_updates, new_inner = inner.update(updates, state.inner_state, params)
-        leaves, spec = _tree.flatten(new_updates)
-        kept = [torch.where(finite.to(u.device), u, torch.zeros_like(u)) for u in leaves]
+        kept = _tree.where(finite, new_updates, _tree.zeros_like(new_updates))
         bad = (~finite).to(torch.int64)
         new_state = ApplyIfFiniteState(
             last_finite=finite,
@@ -175,6 +174,6 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
             total_notfinite=state.total_notfinite + bad,
             inner_state=_tree.where(finite, new_inner, state.inner_state),
         )
-        return _tree.unflatten(kept, spec), new_state
+        return kept, new_state
 
     return GradientTransformation(init, update)

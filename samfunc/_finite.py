@@ -58,10 +58,8 @@ def check_policy(name: str, value: Any, allowed: tuple[str, ...]) -> NonFinitePo
 
 def first_nonfinite_path(tree: PyTree) -> str | None:
     """The key path of the first leaf with a NaN or inf element (eager only; syncs)."""
-    for path, leaf in zip(_tree.key_paths(tree), _tree.leaves(tree)):
-        if not bool(torch.isfinite(leaf).all()):
-            return path or "<root>"
-    return None
+    found = _tree.find_leaf(tree, lambda leaf: not bool(torch.isfinite(leaf).all()))
+    return None if found is None else found[0]
 
 
 def raise_if_nonfinite(grads: PyTree, where: str, loss: Any = None) -> None:

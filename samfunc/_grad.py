@@ -81,10 +81,10 @@ def grad_and_value(
 
 def _check_dense(grads: PyTree) -> None:
     """Sparse gradients (``nn.Embedding(sparse=True)``) have no norm or foreach kernels."""
-    for index, leaf in enumerate(_tree.leaves(grads)):
-        if leaf.layout != torch.strided:
-            path = _tree.key_paths(grads)[index] or "<root>"
-            raise TypeError(
-                f"samfunc needs dense gradients, got a {leaf.layout} one at {path} "
-                "(e.g. from nn.Embedding(sparse=True)): use sparse=False"
-            )
+    found = _tree.find_leaf(grads, lambda leaf: leaf.layout != torch.strided)
+    if found is not None:
+        path, leaf = found
+        raise TypeError(
+            f"samfunc needs dense gradients, got a {leaf.layout} one at {path} "
+            "(e.g. from nn.Embedding(sparse=True)): use sparse=False"
+        )

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Union, overload
@@ -94,9 +95,7 @@ def _flags(mask: Mask | None, params: Params, name: str) -> list[bool]:
 
 def _check_adaptive(adaptive: Any) -> bool | Mask:
     """``adaptive`` is a bool or a mask; a string such as ``"False"`` is neither."""
-    if isinstance(adaptive, bool) or callable(adaptive):
-        return adaptive
-    if isinstance(adaptive, (dict, list, tuple)):
+    if isinstance(adaptive, (bool, dict, list, tuple)) or callable(adaptive):
         return adaptive
     raise TypeError(
         "adaptive must be True, False, a tree of bools or a predicate (path, leaf) -> bool, "
@@ -503,29 +502,44 @@ def _sam_single(
 ) -> tuple[PyTree, Any]:
     """Both passes on one batch: ``(grad L(w + e), value at w)``."""
     grad_fn = grad_and_value(loss_fn, has_aux=has_aux)
-    if not options.reuse_rng:
+    with _RNG_LOCK if options.reuse_rng else contextlib.nullcontext():
+        replay = _rng_states_of(params) if options.reuse_rng else None
         grads, value = grad_fn(params, batch)
         if fused:  # not inside vmap, where a flag cannot be read
             options.check_pass(grads, FIRST_PASS, value, has_aux)
-        sam_grads, perturbed_value = grad_fn(options.perturb(params, grads, rho, fused), batch)
-        if fused:
-            options.check_pass(sam_grads, SECOND_PASS, perturbed_value, has_aux)
-        return sam_grads, value
-    with _RNG_LOCK:
-        devices = _cuda_devices(params)
-        before = _rng_states(devices)
-        grads, value = grad_fn(params, batch)
-        if fused:
-            options.check_pass(grads, FIRST_PASS, value, has_aux)
         perturbed = options.perturb(params, grads, rho, fused)
-        # Replay the first pass's random draws (dropout masks) in the second pass,
-        # then leave the generators where the first pass left them.
-        with torch.random.fork_rng(devices=devices):
-            _set_rng_states(before, devices)
-            sam_grads, perturbed_value = grad_fn(perturbed, batch)
+        sam_grads, perturbed_value = _second_pass(grad_fn, perturbed, batch, replay)
     if fused:
         options.check_pass(sam_grads, SECOND_PASS, perturbed_value, has_aux)
     return sam_grads, value
+
+
+_RngStates = tuple[list[int], tuple[torch.Tensor, list[torch.Tensor]]]
+
+
+def _rng_states_of(params: Params) -> _RngStates:
+    """The generators ``params``' devices draw from, and their states now."""
+    devices = _cuda_devices(params)
+    return devices, _rng_states(devices)
+
+
+def _second_pass(
+    grad_fn: Callable[..., tuple[PyTree, Any]],
+    perturbed: Params,
+    batch: Batch,
+    replay: _RngStates | None,
+) -> tuple[PyTree, Any]:
+    """The pass at ``w + e``.
+
+    With ``replay``, it runs on the first pass's random draws (dropout masks),
+    and leaves the generators where the first pass left them.
+    """
+    if replay is None:
+        return grad_fn(perturbed, batch)
+    devices, before = replay
+    with torch.random.fork_rng(devices=devices):
+        _set_rng_states(before, devices)
+        return grad_fn(perturbed, batch)
 
 
 def _cuda_devices(params: Params) -> list[int]:

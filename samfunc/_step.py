@@ -225,10 +225,10 @@ def _passes(
     has_aux: bool,
 ) -> tuple[PyTree, Any]:
     """SAM's two passes, or one plain gradient pass with ``sam=False``."""
+    if settings.sam:  # _run applies settings.options.nonfinite itself
+        return _run(loss_fn, params, batch, settings.options, rho, has_aux)
     if settings.nonfinite == "raise":
         refuse_raise_under_compile()
-    if settings.sam:
-        return _run(loss_fn, params, batch, settings.options, rho, has_aux)
     grad_fn = grad_and_value(checked_loss_fn(loss_fn, has_aux), has_aux=has_aux)
     grads, value = grad_fn(params, batch)
     if settings.nonfinite == "raise":

@@ -39,6 +39,7 @@ __all__ = [
     "check_same_structure",
     "check_same_shapes",
     "check_detached",
+    "find_leaf",
     "global_norm",
     "all_finite",
     "norm_is_finite",
@@ -195,17 +196,34 @@ def check_detached(params: PyTree, name: str) -> None:
     every step's result would chain onto the previous step's graph, two
     forward-backward passes per step, and memory would grow until it ran out.
     """
-    tree_leaves = leaves(params)
-    for index, leaf in enumerate(tree_leaves):
-        if isinstance(leaf, torch.nn.Parameter) and leaf.requires_grad:
-            path = key_paths(params)[index] or "<root>"  # paths only on the error path
-            raise ValueError(
-                f"{name} hold an nn.Parameter that requires grad at {path}: each step "
-                "would chain onto the previous step's autograd graph and memory would grow "
-                "without bound. Pass detached tensors: samfunc.module_params(model) or "
-                "{k: v.detach() for k, v in model.named_parameters()}. (To differentiate "
-                "through the step on purpose, pass tensors computed from the parameters.)"
-            )
+    found = find_leaf(
+        params, lambda leaf: isinstance(leaf, torch.nn.Parameter) and leaf.requires_grad
+    )
+    if found is not None:
+        raise ValueError(
+            f"{name} hold an nn.Parameter that requires grad at {found[0]}: each step "
+            "would chain onto the previous step's autograd graph and memory would grow "
+            "without bound. Pass detached tensors: samfunc.module_params(model) or "
+            "{k: v.detach() for k, v in model.named_parameters()}. (To differentiate "
+            "through the step on purpose, pass tensors computed from the parameters.)"
+        )
+
+
+def find_leaf(tree: PyTree, predicate: Callable[[Any], bool]) -> tuple[str, Any] | None:
+    """``(key path, leaf)`` of the first leaf for which ``predicate`` holds, else None.
+
+    Key paths are computed only when a leaf is found (checks on the hot path
+    cost one pass over the leaves).
+
+    Example:
+        >>> import torch
+        >>> find_leaf({"a": torch.ones(1), "b": torch.ones(2)}, lambda t: t.numel() == 2)
+        ('b', tensor([1., 1.]))
+    """
+    for index, leaf in enumerate(leaves(tree)):
+        if predicate(leaf):
+            return key_paths(tree)[index] or "<root>", leaf
+    return None
 
 
 def global_norm(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
