@@ -14,8 +14,27 @@ from . import _serialization
 from ._alias import adam as adam
 from ._alias import adamw as adamw
 from ._alias import sgd as sgd
+from ._ascent import AverageGradientsState as AverageGradientsState
+from ._ascent import RandomLeafSubsetState as RandomLeafSubsetState
+from ._ascent import ScaleByRadiusState as ScaleByRadiusState
+from ._ascent import SubtractMomentumState as SubtractMomentumState
+from ._ascent import average_gradients as average_gradients
+from ._ascent import normalize as normalize
+from ._ascent import random_leaf_subset as random_leaf_subset
+from ._ascent import sam_ascent as sam_ascent
+from ._ascent import scale_by_param_abs as scale_by_param_abs
+from ._ascent import scale_by_radius as scale_by_radius
+from ._ascent import subtract_momentum as subtract_momentum
+from ._base import Combiner as Combiner
 from ._base import EmptyState as EmptyState
+from ._base import EngineOptions as EngineOptions
 from ._base import GradientTransformation as GradientTransformation
+from ._base import Method as Method
+from ._base import MethodState as MethodState
+from ._base import PartsOptions as PartsOptions
+from ._base import PassOptions as PassOptions
+from ._base import PerturbationOptions as PerturbationOptions
+from ._base import SamOptions as SamOptions
 from ._base import Schedule as Schedule
 from ._base import TransformInitFn as TransformInitFn
 from ._base import TransformUpdateFn as TransformUpdateFn
@@ -30,17 +49,29 @@ from ._loss_scale import LossScaleState as LossScaleState
 from ._loss_scale import dynamic_loss_scale as dynamic_loss_scale
 from ._loss_scale import scale_loss as scale_loss
 from ._loss_scale import unscale_grads as unscale_grads
+from ._methods import esam as esam
+from ._methods import friendly_sam as friendly_sam
+from ._methods import gsam as gsam
+from ._methods import normalization_mask as normalization_mask
+from ._methods import perturbed_gradient as perturbed_gradient
+from ._methods import rho_from_learning_rate as rho_from_learning_rate
+from ._methods import sam as sam
+from ._methods import sharpness_aware as sharpness_aware
+from ._methods import surrogate_gap_decomposition as surrogate_gap_decomposition
+from ._methods import vasso as vasso
+from ._methods import weighted_sharpness as weighted_sharpness
+from ._methods import wsam as wsam
 from ._module import ModuleAux as ModuleAux
+from ._module import disable_running_stats as disable_running_stats
+from ._module import enable_running_stats as enable_running_stats
+from ._module import frozen_running_stats as frozen_running_stats
 from ._module import load_into_module as load_into_module
 from ._module import mean_over_parts as mean_over_parts
 from ._module import module_buffers as module_buffers
 from ._module import module_loss as module_loss
 from ._module import module_params as module_params
 from ._module import module_state as module_state
-from ._optim import SAM as SAM
-from ._optim import disable_running_stats as disable_running_stats
-from ._optim import enable_running_stats as enable_running_stats
-from ._optim import frozen_running_stats as frozen_running_stats
+from ._sam import SamGradOptions as SamGradOptions
 from ._sam import perturbation as perturbation
 from ._sam import perturbed_params as perturbed_params
 from ._sam import sam_grad as sam_grad
@@ -61,7 +92,9 @@ from ._sharpness import loss_landscape_2d as loss_landscape_2d
 from ._sharpness import random_direction as random_direction
 from ._sharpness import top_hessian_eigenvalue as top_hessian_eigenvalue
 from ._sharpness import worst_case_loss as worst_case_loss
+from ._stateful import SAM as SAM
 from ._step import StepMetrics as StepMetrics
+from ._step import StepOptions as StepOptions
 from ._step import TrainState as TrainState
 from ._step import init_train_state as init_train_state
 from ._step import make_module_train_step as make_module_train_step
@@ -97,6 +130,11 @@ _serialization.register_safe_globals(
         Sharpness,
         HessianTrace,
         LossScaleState,
+        MethodState,
+        ScaleByRadiusState,
+        AverageGradientsState,
+        SubtractMomentumState,
+        RandomLeafSubsetState,
     ]
 )
 
@@ -104,6 +142,38 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
+    "Method",
+    "MethodState",
+    "Combiner",
+    "EngineOptions",
+    "PartsOptions",
+    "PassOptions",
+    "PerturbationOptions",
+    "SamOptions",
+    "SamGradOptions",
+    "sam",
+    "gsam",
+    "friendly_sam",
+    "vasso",
+    "wsam",
+    "esam",
+    "sharpness_aware",
+    "perturbed_gradient",
+    "surrogate_gap_decomposition",
+    "weighted_sharpness",
+    "rho_from_learning_rate",
+    "normalization_mask",
+    "sam_ascent",
+    "normalize",
+    "scale_by_param_abs",
+    "scale_by_radius",
+    "average_gradients",
+    "subtract_momentum",
+    "random_leaf_subset",
+    "ScaleByRadiusState",
+    "AverageGradientsState",
+    "SubtractMomentumState",
+    "RandomLeafSubsetState",
     "HessianTrace",
     "Sharpness",
     "hessian_trace",
@@ -114,6 +184,7 @@ __all__ = [
     "top_hessian_eigenvalue",
     "worst_case_loss",
     "StepMetrics",
+    "StepOptions",
     "TrainState",
     "init_train_state",
     "make_module_train_step",

@@ -23,11 +23,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Protocol, Union
+from typing import Any, Literal, NamedTuple, Optional, Protocol, Union
 
 import torch
+from typing_extensions import TypedDict, Unpack
 
-from ._tree import PyTree
+from ._tree import Mask, PyTree
 
 __all__ = [
     "PyTree",
@@ -41,6 +42,20 @@ __all__ = [
     "GradientTransformation",
     "EmptyState",
     "check_state",
+    "LossFn",
+    "Norm",
+    "Rho",
+    "PerturbationOptions",
+    "SamOptions",
+    "PartsOptions",
+    "PassOptions",
+    "EngineOptions",
+    "Combiner",
+    "CombineUpdateFn",
+    "MethodState",
+    "MethodInitFn",
+    "MethodGradFn",
+    "Method",
 ]
 
 Params = PyTree
@@ -97,3 +112,153 @@ def check_state(owner: str, state: Any, expected: type) -> None:
             f"was it made by another optimizer's init? Build the state with this optimizer's "
             f"init(params)"
         )
+
+
+LossFn = Callable[..., Any]
+
+
+#: How the perturbation is normalized: L2 (SAM), L-infinity (sign) or not at all.
+Norm = Literal["l2", "none", "inf"]
+
+#: A radius: a float >= 0, a 0-d tensor, or a schedule of the step count.
+Rho = Union[float, torch.Tensor, Schedule]
+
+
+class PerturbationOptions(TypedDict, total=False):
+    """How the perturbation ``e`` is shaped; every built-in method takes these.
+
+    Their defaults and checks live in one place, ``samfunc.sam_ascent``.
+
+    Attributes:
+        adaptive: ASAM: ``True`` rescales every leaf by ``T = |w| + eta``
+            (``e = rho T^2 g / ||T g||``); a mask (tree of bools or predicate
+            ``(path, leaf) -> bool``) rescales the leaves it selects. Default False.
+        eta: ASAM's offset in ``T = |w| + eta``. Default 0.
+        norm: ``"l2"`` (default), ``"inf"`` (``rho T sign(g)``) or ``"none"``
+            (``rho T^2 g``, unnormalized).
+        mask: which leaves to perturb (the others get ``e = 0`` and stay out of
+            the norm); e.g. ``samfunc.normalization_mask(model)`` for SAM-ON.
+    """
+
+    adaptive: Union[bool, Mask]
+    eta: float
+    norm: Norm
+    mask: Optional[Mask]
+
+
+class SamOptions(PerturbationOptions, total=False):
+    """``PerturbationOptions`` and the radius ``rho`` (default 0.05)."""
+
+    rho: Rho
+
+
+class PartsOptions(TypedDict, total=False):
+    """How the batch is cut into parts; every method takes these.
+
+    Attributes:
+        num_chunks: m-sharpness: this many equal chunks of the batch, each with
+            its own ascent, run with ``torch.func.vmap``; the gradients are
+            averaged and ``aux`` leaves get a leading axis of this size. Default 1.
+        accum_steps: accumulate both passes' gradients over this many
+            micro-batches (one micro-batch's activations alive at a time), so the
+            result equals the whole batch's; ``aux`` leaves get a leading axis of
+            this size. Default 1.
+        vectorize_chunks: run the chunks with ``vmap`` (default) or in a Python
+            loop, for losses ``vmap`` cannot batch (BatchNorm in training mode).
+    """
+
+    num_chunks: int
+    accum_steps: int
+    vectorize_chunks: bool
+
+
+class PassOptions(PartsOptions, total=False):
+    """``PartsOptions`` and how the passes run.
+
+    Attributes:
+        reuse_rng: the second pass replays the first pass's random draws
+            (dropout masks); not under ``torch.compile(fullgraph=True)``.
+            Thread-safe among samfunc calls. Default False.
+        nonfinite: ``"propagate"`` (default) returns a NaN or inf gradient as it
+            is; ``"raise"`` raises ``NonFiniteGradientError`` naming the pass
+            and the first non-finite leaf (eager only: it reads a flag).
+    """
+
+    reuse_rng: bool
+    nonfinite: Literal["propagate", "raise"]
+
+
+class EngineOptions(PassOptions, total=False):
+    """Everything ``method.grad`` takes after its four arguments.
+
+    Attributes:
+        has_aux: ``loss_fn`` returns ``(loss, aux)``; the loss returned is then
+            ``(loss, aux)`` from the first pass. Default False.
+    """
+
+    has_aux: bool
+
+
+class CombineUpdateFn(Protocol):
+    """``(g, g_s, state, params) -> (gradient, new_state)``."""
+
+    def __call__(
+        self, grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
+    ) -> tuple[Updates, OptState]: ...
+
+
+class Combiner(NamedTuple):
+    """How a method turns the gradients at ``w`` and at ``w + e`` into its gradient.
+
+    Plain SAM returns ``g_s``; GSAM and WSAM mix in ``g``.
+
+    Attributes:
+        init: ``init(params) -> state``.
+        update: ``update(g, g_s, state, params) -> (gradient, new_state)``.
+    """
+
+    init: TransformInitFn
+    update: CombineUpdateFn
+
+
+class MethodState(NamedTuple):
+    """A method's state: its ascent's and its combiner's."""
+
+    ascent: OptState
+    combine: OptState
+
+
+class MethodInitFn(Protocol):
+    """Builds a method's initial state from the parameters."""
+
+    def __call__(self, params: Params) -> OptState: ...
+
+
+class MethodGradFn(Protocol):
+    """``(loss_fn, params, batch, state, **options) -> (grads, loss, new_state)``."""
+
+    def __call__(
+        self,
+        loss_fn: LossFn,
+        params: Params,
+        batch: Any,
+        state: OptState,
+        **options: Unpack[EngineOptions],
+    ) -> tuple[Updates, Any, OptState]: ...
+
+
+class Method(NamedTuple):
+    """A sharpness-aware method, in the shape of ``GradientTransformation``.
+
+    ``state = method.init(params)``, then each step
+    ``grads, loss, state = method.grad(loss_fn, params, batch, state)``; with
+    ``has_aux=True`` the second item is ``(loss, aux)``. ``grads`` is what the
+    optimizer gets; ``loss`` is the loss at ``w``.
+
+    Attributes:
+        init: ``init(params) -> state``.
+        grad: ``grad(loss_fn, params, batch, state, **EngineOptions)``.
+    """
+
+    init: MethodInitFn
+    grad: MethodGradFn

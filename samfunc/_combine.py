@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 
@@ -64,7 +64,9 @@ class MaskedState(NamedTuple):
     inner_state: OptState
 
 
-def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
+def masked(
+    inner: GradientTransformation, mask: Mask, *, others: Literal["keep", "zero"] = "keep"
+) -> GradientTransformation:
     """Applies ``inner`` only to the leaves ``mask`` selects; the others pass through.
 
     This is the functional form of parameter groups: for example, weight decay
@@ -76,6 +78,9 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         mask: a tree of bools with the params' structure, or a predicate
             ``(path, leaf) -> bool`` on each leaf's dotted key path
             (``"layer.0.weight"``). It must select the same leaves at every step.
+        others: what the leaves ``mask`` leaves out become: ``"keep"`` (as they
+            are, as optax's ``masked``) or ``"zero"`` (zeros: an ascent that
+            must not move them, as SAM's ``mask``).
 
     Example:
         >>> import torch
@@ -89,6 +94,8 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"inner must be a GradientTransformation, got {type(inner).__name__}")
+    if others not in ("keep", "zero"):
+        raise ValueError(f"others must be 'keep' or 'zero', got {others!r}")
 
     def init(params: Params) -> MaskedState:
         flags = _tree.resolve_mask(mask, params)
@@ -99,15 +106,23 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
     ) -> tuple[Updates, OptState]:
         check_state("masked", state, MaskedState)
         flags = _tree.resolve_mask(mask, updates if params is None else params)
+        kept = _zero_unselected(updates, flags) if others == "zero" else updates
         if not any(flags):
-            return updates, state
+            return kept, state
         selected_params = None if params is None else _tree.select(params, flags)
         new_selected, new_inner = inner.update(
             _tree.select(updates, flags), state.inner_state, selected_params
         )
-        return _tree.merge(updates, new_selected, flags), MaskedState(inner_state=new_inner)
+        return _tree.merge(kept, new_selected, flags), MaskedState(inner_state=new_inner)
 
     return GradientTransformation(init, update)
+
+
+def _zero_unselected(tree: Updates, flags: list[bool]) -> Updates:
+    leaves, spec = _tree.flatten(tree)
+    return _tree.unflatten(
+        [leaf if keep else torch.zeros_like(leaf) for leaf, keep in zip(leaves, flags)], spec
+    )
 
 
 class ApplyIfFiniteState(NamedTuple):

@@ -21,7 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -37,6 +38,9 @@ __all__ = [
     "module_loss",
     "mean_over_parts",
     "load_into_module",
+    "disable_running_stats",
+    "enable_running_stats",
+    "frozen_running_stats",
 ]
 
 Tensors = dict[str, torch.Tensor]
@@ -168,3 +172,61 @@ def load_into_module(
         if name not in own_buffers:
             raise KeyError(f"buffers has {name!r}, which is not a buffer of the module")
         own_buffers[name].copy_(value)
+
+
+# --- BatchNorm helpers for the stateful path (the seed's training loop) ---
+
+
+def _batch_norms(model: torch.nn.Module) -> Iterator[torch.nn.modules.batchnorm._BatchNorm]:
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            yield module
+
+
+def disable_running_stats(model: torch.nn.Module) -> None:
+    """Stops BatchNorm layers updating their running statistics (the seed's helper).
+
+    Call it before the second, perturbed forward pass; ``enable_running_stats``
+    undoes it. Besides setting ``momentum`` to 0 as the seed does, this keeps
+    ``num_batches_tracked`` from counting the second pass.
+    """
+    for bn in _batch_norms(model):
+        if hasattr(bn, "_samfunc_saved"):
+            continue
+        tracked = bn.num_batches_tracked
+        saved = tracked.clone() if isinstance(tracked, torch.Tensor) else None
+        bn._samfunc_saved = (bn.momentum, saved)  # type: ignore[assignment]
+        bn.momentum = 0.0
+
+
+def enable_running_stats(model: torch.nn.Module) -> None:
+    """Undoes ``disable_running_stats``."""
+    for bn in _batch_norms(model):
+        saved = getattr(bn, "_samfunc_saved", None)
+        if saved is None:
+            continue
+        momentum, tracked = saved
+        bn.momentum = momentum
+        if tracked is not None and isinstance(bn.num_batches_tracked, torch.Tensor):
+            with torch.no_grad():
+                bn.num_batches_tracked.copy_(tracked)
+        del bn._samfunc_saved
+
+
+@contextlib.contextmanager
+def frozen_running_stats(model: torch.nn.Module) -> Iterator[None]:
+    """A context in which BatchNorm running statistics stay as they are.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.BatchNorm1d(3)
+        >>> with frozen_running_stats(model):
+        ...     _ = model(torch.randn(8, 3))
+        >>> model.running_mean
+        tensor([0., 0., 0.])
+    """
+    disable_running_stats(model)
+    try:
+        yield
+    finally:
+        enable_running_stats(model)

@@ -28,8 +28,9 @@ import torch
 from torch.func import grad, jvp
 
 from . import _tree
+from ._batch import split_batch
 from ._grad import grad_and_value
-from ._sam import _split_batch, perturbation
+from ._sam import perturbation
 from ._tree import PyTree
 from ._validate import check_bool, check_nonnegative, check_positive, check_positive_int
 
@@ -179,7 +180,7 @@ def worst_case_loss(
     size = rho if step_size is None else check_positive("step_size", step_size)
     num_chunks = check_positive_int("num_chunks", num_chunks)
     loss = _loss_only(loss_fn, has_aux)
-    parts = [batch] if num_chunks == 1 else _split_batch(batch, num_chunks, "num_chunks")
+    parts = [batch] if num_chunks == 1 else split_batch(batch, num_chunks, "num_chunks")
     results = [_ascend(loss, params, part, rho, steps, size) for part in parts]
     value = torch.stack([v for v, _ in results]).mean()
     worst = torch.stack([w for _, w in results]).mean()

@@ -23,12 +23,24 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
+import torch.utils._pytree as pytree
+from typing_extensions import Unpack
 
 from . import _tree
-from ._base import GradientTransformation, OptState, Schedule
+from ._ascent import ScaleByRadiusState
+from ._base import (
+    GradientTransformation,
+    Method,
+    OptState,
+    PartsOptions,
+    PassOptions,
+    SamOptions,
+    Schedule,
+)
+from ._engine import checked_loss_fn, run_options
 from ._finite import (
     NonFinitePolicy,
     check_policy,
@@ -37,23 +49,65 @@ from ._finite import (
 )
 from ._grad import grad_and_value
 from ._loss_scale import DynamicLossScale, LossScaleState, scale_loss, unscale_grads
+from ._methods import sam as sam_method
 from ._module import ModuleAux, mean_over_parts, module_loss, module_state
-from ._sam import Norm, _Options, _run, checked_loss_fn
 from ._schedule import check_schedule_nonnegative
 from ._transform import init_count
-from ._tree import Mask, PyTree
+from ._tree import PyTree
 from ._update import apply_updates
 from ._validate import check_bool, check_nonnegative, guard_radius
 
 __all__ = [
     "TrainState",
     "StepMetrics",
+    "StepOptions",
     "init_train_state",
     "make_train_step",
     "make_module_train_step",
 ]
 
 RhoOrSchedule = Union[float, Schedule]
+
+
+class StepOptions(SamOptions, PartsOptions, total=False):
+    """The options both train-step builders take.
+
+    Attributes:
+        method: the sharpness-aware method (``samfunc.gsam(...)``, ...); its
+            state rides in ``state.method_state`` (build the state with
+            ``init_train_state(..., method=method)``) and ``metrics.rho`` is
+            the radius its ``scale_by_radius`` recorded (NaN if it has none).
+            Default None: SAM shaped by ``rho``, ``adaptive``, ``eta``,
+            ``norm`` and ``mask`` (``samfunc.SamOptions``; ``rho`` may also be
+            a schedule ``step -> rho`` of ``state.step``). A method carries
+            those itself; ``num_chunks``, ``accum_steps`` and
+            ``vectorize_chunks`` (``samfunc.PartsOptions``) apply to any.
+        sam: False for the plain-gradient baseline (one pass, same pipeline).
+        nonfinite: a gradient with a NaN or inf element (in either pass, or
+            from a rho schedule that went negative or NaN): ``"skip"`` (default)
+            returns the state (method state included) unchanged and
+            ``metrics.finite`` False, as ``torch.amp.GradScaler`` skips a step;
+            ``"raise"`` raises ``NonFiniteGradientError`` naming the pass
+            (eager only); ``"propagate"`` applies it.
+        loss_scale: dynamic loss scaling for float16 training, the functional
+            ``torch.amp.GradScaler``: ``samfunc.dynamic_loss_scale()``. Both
+            passes run on the loss times the scale (from ``state.loss_scale``;
+            build the state with ``init_train_state(..., loss_scale=...)``),
+            the gradient is unscaled once, and a step with an inf or NaN is
+            skipped while the scale backs off. Needs ``nonfinite="skip"``; not
+            with a ``method`` yet.
+    """
+
+    method: Optional[Method]
+    sam: bool
+    nonfinite: NonFinitePolicy
+    loss_scale: Optional[DynamicLossScale]
+
+
+#: The names in ``SamOptions``: they shape the default method, ``samfunc.sam``.
+_SAM_KEYS = frozenset(SamOptions.__annotations__)
+#: The names in ``PartsOptions``: they go to the engine.
+_PARTS_KEYS = frozenset(PartsOptions.__annotations__)
 
 #: What a train step does with a non-finite gradient; see ``samfunc._finite``.
 STEP_POLICIES = ("skip", "raise", "propagate")
@@ -71,6 +125,8 @@ class TrainState(NamedTuple):
             loss (``init_train_state(..., loss_scale=...)``), else ``()``: an
             empty tuple has no leaves, so ``tree_map`` over a state only meets
             tensors.
+        method_state: the method's state when the step runs one
+            (``init_train_state(..., method=...)``), else ``()``.
     """
 
     params: PyTree
@@ -78,6 +134,7 @@ class TrainState(NamedTuple):
     buffers: PyTree
     step: torch.Tensor
     loss_scale: Union[LossScaleState, tuple[()]] = ()
+    method_state: Any = ()
 
 
 class StepMetrics(NamedTuple):
@@ -111,11 +168,13 @@ def init_train_state(
     buffers: PyTree | None = None,
     *,
     loss_scale: DynamicLossScale | None = None,
+    method: Optional[Method] = None,
 ) -> TrainState:
     """Builds the first ``TrainState`` from params (or a module) and an optimizer.
 
     Pass the step's ``loss_scale`` (``samfunc.dynamic_loss_scale()``) when the
-    step scales the loss, so the state carries the scale from the start.
+    step scales the loss, and its ``method``, so the state carries their
+    states from the start.
 
     Example:
         >>> import torch
@@ -135,7 +194,17 @@ def init_train_state(
         buffers={} if buffers is None else buffers,
         step=step,
         loss_scale=() if loss_scale is None else loss_scale.init(step.device),
+        method_state=() if method is None else _check_method(method).init(params),
     )
+
+
+def _check_method(method: Any) -> Method:
+    if not isinstance(method, Method):
+        raise TypeError(
+            f"method must be a samfunc.Method (samfunc.sam(), gsam(), ...), "
+            f"got {type(method).__name__}"
+        )
+    return method
 
 
 def _check_rho(rho: RhoOrSchedule) -> RhoOrSchedule:
@@ -145,9 +214,9 @@ def _check_rho(rho: RhoOrSchedule) -> RhoOrSchedule:
 
 
 def _rho_at(rho: RhoOrSchedule, step: torch.Tensor) -> tuple[float | torch.Tensor, torch.Tensor]:
-    """The radius for this step, as given to ``sam_grad`` and as a metric tensor.
+    """The radius for this step, as given to ``sam()`` and as a metric tensor.
 
-    A constant rho stays a Python float for ``sam_grad`` (a float32 tensor would
+    A constant rho stays a Python float for ``sam()`` (a float32 tensor would
     round it, which float64 training would notice).
     """
     if callable(rho):
@@ -161,30 +230,55 @@ def _rho_at(rho: RhoOrSchedule, step: torch.Tensor) -> tuple[float | torch.Tenso
     return rho, torch.ones((), dtype=torch.float32, device=step.device) * rho
 
 
+def _radius_in(method_state: Any, device: torch.device) -> torch.Tensor:
+    """The radius a method's state recorded (its first ``scale_by_radius``), else NaN."""
+    found = [
+        leaf
+        for leaf in pytree.tree_leaves(
+            method_state, is_leaf=lambda node: isinstance(node, ScaleByRadiusState)
+        )
+        if isinstance(leaf, ScaleByRadiusState)
+    ]
+    if found:
+        return found[0].radius
+    return torch.full((), float("nan"), dtype=torch.float32, device=device)
+
+
 class _SamSettings(NamedTuple):
     sam: bool
     rho: RhoOrSchedule
-    options: _Options
+    shape: dict[str, Any]  # sam()'s options besides rho (default method only)
+    method: Optional[Method]
+    engine: PassOptions
     nonfinite: NonFinitePolicy
     loss_scale: DynamicLossScale | None
 
 
-def _settings(
-    sam: bool,
-    rho: RhoOrSchedule,
-    adaptive: bool | Mask,
-    eta: float,
-    norm: Norm,
-    mask: Mask | None,
-    num_chunks: int,
-    accum_steps: int,
-    vectorize_chunks: bool,
-    nonfinite: str,
-    loss_scale: DynamicLossScale | None,
-) -> _SamSettings:
+def _settings(options: StepOptions) -> _SamSettings:
     """Checks every option once, when the step is built, never inside it."""
-    rho = _check_rho(rho)
-    policy = check_policy("nonfinite", nonfinite, STEP_POLICIES)
+    known = _SAM_KEYS | _PARTS_KEYS | {"method", "sam", "nonfinite", "loss_scale"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unexpected option {unknown[0]!r}; the step's options are {sorted(known)}")
+    sam = check_bool("sam", options.get("sam", True))
+    method = options.get("method")
+    loss_scale = options.get("loss_scale")
+    policy = check_policy("nonfinite", options.get("nonfinite", "skip"), STEP_POLICIES)
+    shape: dict[str, Any] = {k: v for k, v in options.items() if k in _SAM_KEYS and k != "rho"}
+    engine: PassOptions = {k: v for k, v in options.items() if k in _PARTS_KEYS}  # type: ignore[assignment]
+    engine["nonfinite"] = "raise" if policy == "raise" else "propagate"
+    run_options(engine)  # type: ignore[arg-type]  # unknown names and bad values fail here
+    rho = _check_rho(options.get("rho", 0.05))  # type: ignore[arg-type]
+    if method is not None:
+        method = _check_method(method)
+        given = sorted(k for k in options if k in _SAM_KEYS)
+        if given or not sam:
+            raise ValueError(
+                "with method=..., set rho, adaptive, eta, norm and mask in the method and leave "
+                f"sam=True; got {', '.join(given) if given else 'sam=False'} here"
+            )
+    else:
+        sam_method(0.0, **shape)  # checks adaptive, eta, norm and mask now
     if loss_scale is not None:
         if not isinstance(loss_scale, DynamicLossScale):
             raise TypeError(
@@ -196,50 +290,59 @@ def _settings(
                 "loss_scale skips steps with an inf or NaN gradient by design (the scale backs "
                 f"off and the step is retried), so it needs nonfinite='skip', got {policy!r}"
             )
-    options = _Options(
-        0.0,
-        adaptive,
-        eta,
-        norm,
-        mask,
-        num_chunks,
-        accum_steps,
-        vectorize_chunks=vectorize_chunks,
-        nonfinite="raise" if policy == "raise" else "propagate",
-    )
-    return _SamSettings(
-        sam=check_bool("sam", sam),
-        rho=rho,
-        options=options,
-        nonfinite=policy,
-        loss_scale=loss_scale,
-    )
-
-
-def _passes(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch: Any,
-    settings: _SamSettings,
-    rho: float | torch.Tensor,
-    has_aux: bool,
-) -> tuple[PyTree, Any]:
-    """SAM's two passes, or one plain gradient pass with ``sam=False``."""
-    if settings.sam:  # _run applies settings.options.nonfinite itself
-        return _run(loss_fn, params, batch, settings.options, rho, has_aux)
-    if settings.nonfinite == "raise":
-        refuse_raise_under_compile()
-    grad_fn = grad_and_value(checked_loss_fn(loss_fn, has_aux), has_aux=has_aux)
-    grads, value = grad_fn(params, batch)
-    if settings.nonfinite == "raise":
-        raise_if_nonfinite(grads, "the gradient pass", value[0] if has_aux else value)
-    return grads, value
+        if method is not None:
+            raise ValueError(
+                "loss_scale with method=... is not supported yet: a method's ascent and state "
+                "would see the scaled gradient; use bfloat16 autocast, or the default method"
+            )
+    return _SamSettings(sam, rho, shape, method, engine, policy, loss_scale)
 
 
 class _Gradient(NamedTuple):
     grads: PyTree
     value: Any
     finite: torch.Tensor | None  # None: read it from the gradient's norm
+    method_state: Any
+
+
+def _passes(
+    loss_fn: Callable[..., Any],
+    state: TrainState,
+    batch: Any,
+    settings: _SamSettings,
+    rho: float | torch.Tensor,
+    has_aux: bool,
+) -> tuple[PyTree, Any, Any]:
+    """The method's passes (SAM's by default), or one gradient pass with ``sam=False``.
+
+    Returns ``(grads, value, new method state)``.
+    """
+    params = state.params
+    if settings.method is not None:
+        if state.method_state == ():
+            raise ValueError(
+                "this step runs a method, but state.method_state is empty: build the state "
+                "with init_train_state(..., method=the same method)"
+            )
+        return settings.method.grad(
+            loss_fn, params, batch, state.method_state, has_aux=has_aux, **settings.engine
+        )
+    if settings.sam:  # the engine applies the nonfinite option itself
+        # A tensor radius is already guarded (NaN if a schedule went bad); as a
+        # schedule it reaches the ascent unread, so the non-finite policy decides.
+        radius = (lambda _: rho) if isinstance(rho, torch.Tensor) else rho
+        method = sam_method(radius, **settings.shape)
+        grads, value, _ = method.grad(
+            loss_fn, params, batch, method.init(params), has_aux=has_aux, **settings.engine
+        )
+        return grads, value, state.method_state
+    if settings.nonfinite == "raise":
+        refuse_raise_under_compile()
+    grad_fn = grad_and_value(checked_loss_fn(loss_fn, has_aux), has_aux=has_aux)
+    grads, value = grad_fn(params, batch)
+    if settings.nonfinite == "raise":
+        raise_if_nonfinite(grads, "the gradient pass", value[0] if has_aux else value)
+    return grads, value, state.method_state
 
 
 def _scaled_loss(
@@ -265,8 +368,8 @@ def _gradient(
 ) -> _Gradient:
     """The step's gradient and loss (value), unscaled, and whether the gradient is finite."""
     if settings.loss_scale is None:
-        grads, value = _passes(loss_fn, state.params, batch, settings, rho, has_aux)
-        return _Gradient(grads, value, None)
+        grads, value, method_state = _passes(loss_fn, state, batch, settings, rho, has_aux)
+        return _Gradient(grads, value, None, method_state)
     scale = state.loss_scale
     if not isinstance(scale, LossScaleState):
         raise ValueError(
@@ -274,12 +377,12 @@ def _gradient(
             "init_train_state(..., loss_scale=the same dynamic_loss_scale())"
         )
     # A normalized ascent (l2, inf) ignores the scale of g; the unnormalized one does not.
-    radius = rho / scale.scale if settings.options.norm == "none" else rho
+    radius = rho / scale.scale if settings.shape.get("norm", "l2") == "none" else rho
     scaled = _scaled_loss(loss_fn, scale, has_aux)
-    grads, (_, (loss, aux)) = _passes(scaled, state.params, batch, settings, radius, True)
+    grads, (_, (loss, aux)), method_state = _passes(scaled, state, batch, settings, radius, True)
     grads, finite = unscale_grads(grads, scale)
     loss = loss.mean() if loss.ndim else loss  # one loss per chunk or micro-batch: the mean
-    return _Gradient(grads, (loss, aux) if has_aux else loss, finite)
+    return _Gradient(grads, (loss, aux) if has_aux else loss, finite, method_state)
 
 
 class _Updated(NamedTuple):
@@ -303,59 +406,40 @@ def _update(
     finite = torch.isfinite(grad_norm) if gradient.finite is None else gradient.finite
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = apply_updates(state.params, updates)
+    method_state = gradient.method_state
     if settings.nonfinite == "skip":
         params = _tree.where(finite, params, state.params)
         opt_state = _tree.where(finite, opt_state, state.opt_state)
         buffers = _tree.where(finite, buffers, state.buffers)
+        method_state = _tree.where(finite, method_state, state.method_state)
     loss_scale = state.loss_scale
     if settings.loss_scale is not None and isinstance(loss_scale, LossScaleState):
         loss_scale = settings.loss_scale.update(loss_scale, finite)
-    new_state = TrainState(params, opt_state, buffers, state.step + 1, loss_scale)
+    new_state = TrainState(params, opt_state, buffers, state.step + 1, loss_scale, method_state)
     return _Updated(new_state, grad_norm, finite)
+
+
+def _rho_metric(settings: _SamSettings, rho_metric: torch.Tensor, new: TrainState) -> torch.Tensor:
+    if settings.method is None:
+        return rho_metric
+    return _radius_in(new.method_state, new.step.device)
 
 
 def make_train_step(
     loss_fn: Callable[[PyTree, Any], torch.Tensor],
     optimizer: GradientTransformation,
-    *,
-    sam: bool = True,
-    rho: RhoOrSchedule = 0.05,
-    adaptive: bool | Mask = False,
-    eta: float = 0.0,
-    norm: Norm = "l2",
-    mask: Mask | None = None,
-    num_chunks: int = 1,
-    accum_steps: int = 1,
-    vectorize_chunks: bool = True,
-    nonfinite: NonFinitePolicy = "skip",
-    loss_scale: DynamicLossScale | None = None,
+    **options: Unpack[StepOptions],
 ) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
     """A pure SAM train step for ``loss_fn(params, batch) -> scalar loss``.
 
     Args:
         loss_fn: the loss, a function of the params and a batch.
         optimizer: the ``GradientTransformation`` that turns gradients into updates.
-        sam: False for the plain-gradient baseline (one pass, same pipeline).
-        rho: a float, or a schedule ``step -> rho`` (a 0-d tensor).
-        adaptive: see ``sam_grad``.
-        eta: see ``sam_grad``.
-        norm: see ``sam_grad``.
-        mask: see ``sam_grad``.
-        num_chunks: see ``sam_grad``.
-        accum_steps: see ``sam_grad``.
-        vectorize_chunks: see ``sam_grad``.
-        nonfinite: a gradient with a NaN or inf element (in either pass, or
-            from a rho schedule that went negative or NaN): ``"skip"`` (default)
-            returns the state unchanged and ``metrics.finite`` False, as
-            ``torch.amp.GradScaler`` skips a step; ``"raise"`` raises
-            ``NonFiniteGradientError`` naming the pass (eager only);
-            ``"propagate"`` applies it.
-        loss_scale: dynamic loss scaling for float16 training, the functional
-            ``torch.amp.GradScaler``: ``samfunc.dynamic_loss_scale()``. Both
-            passes run on the loss times the scale (from ``state.loss_scale``;
-            build the state with ``init_train_state(..., loss_scale=...)``),
-            the gradient is unscaled once, and a step with an inf or NaN is
-            skipped while the scale backs off. Needs ``nonfinite="skip"``.
+        **options: ``method`` (default SAM), ``sam``, ``nonfinite`` (default
+            ``"skip"``), ``loss_scale``, SAM's ``rho`` (a float or a schedule of
+            ``state.step``), ``adaptive``, ``eta``, ``norm``, ``mask``, and
+            ``num_chunks``, ``accum_steps``, ``vectorize_chunks``: see
+            ``samfunc.StepOptions``.
 
     Returns:
         ``step(state, batch) -> (new_state, StepMetrics)``; wrap it in
@@ -370,24 +454,13 @@ def make_train_step(
         >>> state = samfunc.init_train_state({"w": torch.ones(3)}, opt)
         >>> state, metrics = step(state, torch.randn(8, 3))
     """
-    settings = _settings(
-        sam,
-        rho,
-        adaptive,
-        eta,
-        norm,
-        mask,
-        num_chunks,
-        accum_steps,
-        vectorize_chunks,
-        nonfinite,
-        loss_scale,
-    )
+    settings = _settings(options)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, StepMetrics]:
         rho_now, rho_metric = _rho_at(settings.rho, state.step)
         gradient = _gradient(loss_fn, state, batch, settings, rho_now, has_aux=False)
         new = _update(optimizer, settings, state, gradient, state.buffers)
+        rho_metric = _rho_metric(settings, rho_metric, new.state)
         metrics = StepMetrics(gradient.value, new.grad_norm, rho_metric, finite=new.finite)
         return new.state, metrics
 
@@ -406,18 +479,7 @@ def make_module_train_step(
     module: torch.nn.Module,
     criterion: Callable[[Any, Any], torch.Tensor],
     optimizer: GradientTransformation,
-    *,
-    sam: bool = True,
-    rho: RhoOrSchedule = 0.05,
-    adaptive: bool | Mask = False,
-    eta: float = 0.0,
-    norm: Norm = "l2",
-    mask: Mask | None = None,
-    num_chunks: int = 1,
-    accum_steps: int = 1,
-    vectorize_chunks: bool = True,
-    nonfinite: NonFinitePolicy = "skip",
-    loss_scale: DynamicLossScale | None = None,
+    **options: Unpack[StepOptions],
 ) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
     """A pure SAM train step for an ``nn.Module``, with its buffers threaded through.
 
@@ -439,20 +501,9 @@ def make_module_train_step(
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    settings = _settings(
-        sam,
-        rho,
-        adaptive,
-        eta,
-        norm,
-        mask,
-        num_chunks,
-        accum_steps,
-        vectorize_chunks,
-        nonfinite,
-        loss_scale,
-    )
-    parts = num_chunks * accum_steps if settings.sam else 1
+    settings = _settings(options)
+    parts = settings.engine.get("num_chunks", 1) * settings.engine.get("accum_steps", 1)
+    parts = parts if settings.sam else 1
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, StepMetrics]:
         rho_now, rho_metric = _rho_at(settings.rho, state.step)
@@ -461,6 +512,7 @@ def make_module_train_step(
         loss, aux = gradient.value
         aux = _merge_parts(aux, parts)
         new = _update(optimizer, settings, state, gradient, aux.buffers)
+        rho_metric = _rho_metric(settings, rho_metric, new.state)
         metrics = StepMetrics(loss, new.grad_norm, rho_metric, aux.output, new.finite)
         return new.state, metrics
 

@@ -40,6 +40,7 @@ __all__ = [
     "check_same_shapes",
     "check_detached",
     "find_leaf",
+    "fused_ops",
     "global_norm",
     "all_finite",
     "norm_is_finite",
@@ -226,18 +227,26 @@ def find_leaf(tree: PyTree, predicate: Callable[[Any], bool]) -> tuple[str, Any]
     return None
 
 
-def global_norm(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
+def fused_ops() -> bool:
+    """Whether ``torch._foreach_*`` ops can run here: not inside a function transform.
+
+    ``torch.func.vmap`` has no batching rule for foreach ops, so inside any
+    functorch transform (and while ``torch.compile`` traces, where the level
+    cannot be read and inductor fuses per-leaf ops itself) the helpers below
+    use per-leaf ops instead. Callers never choose.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.maybe_current_level() is None
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
     """Returns the L2 norm of all leaves together, as a 0-d tensor.
 
     The per-leaf norms come from one fused ``torch._foreach_norm`` per device.
     They are accumulated in float32 whatever the leaves' dtype (float64 when
     a leaf is float64), and leaves on several devices are reduced on the
     device of the first leaf.
-
-    Args:
-        tree: a pytree of tensors.
-        fused: use ``torch._foreach_norm``; pass False under ``torch.func.vmap``,
-            which has no batching rule for foreach ops.
 
     Example:
         >>> import torch
@@ -248,7 +257,7 @@ def global_norm(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return _leaf_norms(tensors, 2, dtype, fused).square().sum().sqrt()
+    return _leaf_norms(tensors, 2, dtype).square().sum().sqrt()
 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -260,10 +269,11 @@ def _by_device(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 def _leaf_norms(
-    tensors: Sequence[torch.Tensor], ord: float, dtype: torch.dtype | None, fused: bool
+    tensors: Sequence[torch.Tensor], ord: float, dtype: torch.dtype | None
 ) -> torch.Tensor:
     """Each leaf's norm (one fused ``_foreach_norm`` per device), on the first leaf's device."""
     home = tensors[0].device
+    fused = fused_ops()
     stacks = []
     for device_tensors in _by_device(tensors):
         if fused:
@@ -274,7 +284,7 @@ def _leaf_norms(
     return stacks[0] if len(stacks) == 1 else torch.cat(stacks)
 
 
-def all_finite(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
+def all_finite(tree: PyTree) -> torch.Tensor:
     """A 0-d bool tensor: True when every element of every leaf is finite.
 
     Exact, with no device sync: ``0 * x`` is 0 for a finite ``x`` and NaN for
@@ -296,8 +306,7 @@ def all_finite(tree: PyTree, *, fused: bool = True) -> torch.Tensor:
         return torch.ones((), dtype=torch.bool)
     home = tensors[0].device
     flags = []
-    # Dynamo cannot trace _foreach_max; inductor fuses the per-leaf form anyway.
-    fused = fused and not torch.compiler.is_compiling()
+    fused = fused_ops()  # also: Dynamo cannot trace _foreach_max
     for device_tensors in _by_device(tensors):
         if fused:
             maxima = torch._foreach_max(torch._foreach_mul(device_tensors, 0.0))
@@ -338,34 +347,28 @@ def where(condition: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:
     return unflatten(chosen, spec)
 
 
-def mul_leaves(
-    tensors: Sequence[torch.Tensor], factor: float | torch.Tensor, *, fused: bool = True
-) -> list[torch.Tensor]:
-    """``[factor * t for t in tensors]``, fused unless ``fused=False`` (vmap).
+def mul_leaves(tensors: Sequence[torch.Tensor], factor: float | torch.Tensor) -> list[torch.Tensor]:
+    """``[factor * t for t in tensors]``, fused where ``fused_ops()``.
 
     A tensor ``factor`` is moved to each leaf's device when they differ.
     """
     if isinstance(factor, torch.Tensor) and any(t.device != factor.device for t in tensors):
         return [t * factor.to(t.device) for t in tensors]
-    if fused:
+    if fused_ops():
         return list(torch._foreach_mul(list(tensors), factor))
     return [t * factor for t in tensors]
 
 
-def mul_lists(
-    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, fused: bool = True
-) -> list[torch.Tensor]:
-    """``[x * y for x, y in zip(a, b)]``, fused unless ``fused=False`` (vmap)."""
-    if fused:
+def mul_lists(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[x * y for x, y in zip(a, b)]``, fused where ``fused_ops()``."""
+    if fused_ops():
         return list(torch._foreach_mul(list(a), list(b)))
     return [x * y for x, y in zip(a, b)]
 
 
-def add_leaves(
-    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], *, fused: bool = True
-) -> list[torch.Tensor]:
-    """``[x + y for x, y in zip(a, b)]``, fused unless ``fused=False`` (vmap)."""
-    if fused:
+def add_leaves(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[x + y for x, y in zip(a, b)]``, fused where ``fused_ops()``."""
+    if fused_ops():
         return list(torch._foreach_add(list(a), list(b)))
     return [x + y for x, y in zip(a, b)]
 
@@ -378,7 +381,7 @@ def add_scaled(tree: PyTree, other: PyTree, factor: float | torch.Tensor) -> PyT
     """
     a, spec = flatten(tree)
     b = leaves(other)
-    if isinstance(factor, torch.Tensor):
+    if isinstance(factor, torch.Tensor) or not fused_ops():
         return unflatten(add_leaves(a, mul_leaves(b, factor)), spec)
     return unflatten(torch._foreach_add(a, b, alpha=factor), spec)
 

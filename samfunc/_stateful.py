@@ -9,7 +9,10 @@ A drop-in replacement for ``from sam import SAM``::
     loss_fn(model(x), y).backward()        # second pass, at w + e
     optimizer.second_step(zero_grad=True)  # back to w, then the base optimizer's step
 
-The ascent step ``e`` comes from the same function as ``samfunc.sam_grad``'s.
+The ascent step ``e`` comes from the same pieces as ``samfunc.sam_grad``'s, and
+``SAM(..., method=samfunc.gsam(...))`` runs any method (GSAM, Friendly-SAM,
+VaSSO, WSAM, ESAM's weight perturbation) with the same numbers as its
+functional ``grad``.
 Slips of the seed's that are fixed here: every parameter perturbed in
 ``first_step`` is restored in ``second_step`` even if it got no gradient in the
 second pass; the base optimizer's state is part of ``state_dict``, pickling and
@@ -21,24 +24,21 @@ turning every parameter into NaN; the seed's checkpoints load as they are.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 import torch
 
 from . import _tree
+from ._ascent import normalize, sam_ascent, scale_by_param_abs, scale_by_radius
+from ._base import GradientTransformation, Method, MethodState
+from ._combine import chain, masked
+from ._engine import FIRST_PASS, SECOND_PASS, MethodGrad
 from ._finite import NonFinitePolicy, check_policy, raise_if_nonfinite
-from ._sam import FIRST_PASS, SECOND_PASS, _perturbation_leaves
 from ._validate import check_bool, check_nonnegative
 
-__all__ = [
-    "SAM",
-    "disable_running_stats",
-    "enable_running_stats",
-    "frozen_running_stats",
-]
+__all__ = ["SAM"]
 
 #: The per-group options SAM adds to the base optimizer's.
 SAM_OPTIONS = ("rho", "adaptive", "eta")
@@ -71,6 +71,51 @@ def _check_group(index: int, group: dict[str, Any]) -> None:
     check_bool(f"{where}['adaptive']", group["adaptive"])
 
 
+def _check_method(method: Any, rho: float, adaptive: bool, eta: float) -> Optional[Method]:
+    """``method`` if the class can run it, with SAM's own options left at their defaults."""
+    if method is None:
+        return None
+    if not isinstance(method, Method) or not isinstance(method.grad, MethodGrad):
+        raise TypeError(
+            "method must be built by samfunc (samfunc.sam, gsam, ... or sharpness_aware), "
+            f"got {type(method).__name__}"
+        )
+    if rho != 0.05 or adaptive or eta != 0.0:
+        raise ValueError(
+            "with method=..., set rho (and adaptive, eta) in the method, e.g. "
+            f"samfunc.gsam(rho={rho}); got rho={rho}, adaptive={adaptive}, eta={eta} here"
+        )
+    fraction = method.grad.select_fraction
+    if fraction is not None and fraction < 1.0:
+        raise ValueError(
+            f"{method.grad.name}'s data selection ranks per-sample losses, which SAM.step never "
+            f"sees: use the functional method.grad or a train step, or gamma=1.0 (got {fraction})"
+        )
+    return method
+
+
+def _groups_ascent(options: Sequence[tuple[float, bool, float]]) -> GradientTransformation:
+    """SAM's ascent over a flat list of leaves, each with its group's rho, adaptive and eta.
+
+    One group (the usual case) is ``sam_ascent``; several are the same pieces,
+    each rescale and radius ``masked`` to its groups' leaves; the norm stays
+    global over all of them, as in the seed.
+    """
+    if len(set(options)) == 1:
+        rho, adaptive, eta = options[0]
+        return sam_ascent(rho, adaptive=adaptive, eta=eta)
+    rescales = [
+        masked(scale_by_param_abs(eta), [o == (rho, True, eta) for o in options])
+        for rho, adaptive, eta in sorted(set(options))
+        if adaptive
+    ]
+    radii = [
+        masked(scale_by_radius(rho), [o[0] == rho for o in options])
+        for rho in sorted({o[0] for o in options})
+    ]
+    return chain(*rescales, normalize(), *rescales, *radii)
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any ``torch.optim`` optimizer.
 
@@ -82,6 +127,15 @@ class SAM(torch.optim.Optimizer):
         rho: the neighbourhood radius (per group).
         adaptive: ASAM, with ``T = |w| + eta`` (per group); must be a bool.
         eta: ASAM's offset; the seed uses 0 (per group).
+        method: a method such as ``samfunc.gsam(rho=0.05, alpha=0.4)``; then its
+            ascent and combiner make the step (with its own ``rho``, so leave
+            ``rho``, ``adaptive`` and ``eta`` here at their defaults), its state
+            is part of ``state_dict``, and the leaves it sees are this
+            optimizer's trainable parameters in order (a parameter without a
+            gradient counts as a zero gradient). A mask in the method is
+            resolved against that list: ``samfunc.normalization_mask(model)``
+            works; a tree of bools keyed by name does not. ESAM's data selection
+            needs per-sample losses, so only ``esam(gamma=1.0)`` works here.
         nonfinite: a gradient with a NaN or inf element, in either pass:
             ``"raise"`` (default) raises ``NonFiniteGradientError`` with the
             parameters back at ``w`` and the base optimizer not stepped;
@@ -117,6 +171,7 @@ class SAM(torch.optim.Optimizer):
         adaptive: bool = False,
         eta: float = 0.0,
         *,
+        method: Optional[Method] = None,
         nonfinite: NonFinitePolicy = "raise",
         **kwargs: Any,
     ) -> None:
@@ -124,6 +179,7 @@ class SAM(torch.optim.Optimizer):
         check_nonnegative("eta", eta)
         check_bool("adaptive", adaptive)
         policy = check_policy("nonfinite", nonfinite, CLASS_POLICIES)
+        self.method = _check_method(method, rho, adaptive, eta)
         if not callable(base_optimizer):
             raise TypeError(
                 f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}"
@@ -146,6 +202,10 @@ class SAM(torch.optim.Optimizer):
         self._perturbed: list[torch.Tensor] = []
         self._skip_second = False
         self.skipped_steps = getattr(self, "skipped_steps", 0)
+        self.method_state: Optional[MethodState] = getattr(self, "method_state", None)
+        self._method_leaves: list[int] = []  # ids of the params method_state belongs to
+        self._pending_ascent: Any = None  # the ascent's new state, kept once the step is done
+        self._first_grads: Optional[list[torch.Tensor]] = None
         self._watch = _BackwardWatch()
         self._hooks: dict[torch.Tensor, Any] = {}
         self._watch_params()
@@ -221,6 +281,14 @@ class SAM(torch.optim.Optimizer):
         """
         if self._perturbed or self._skip_second:
             raise RuntimeError("first_step called twice without second_step in between")
+        if scaler is not None and self.method is not None:
+            grad = self.method.grad
+            if isinstance(grad, MethodGrad) and grad.uses_first_gradient:
+                raise ValueError(
+                    f"{grad.name} mixes the gradients at w and at w + e, which a GradScaler "
+                    "scales differently; for float16, use make_train_step(..., "
+                    "loss_scale=samfunc.dynamic_loss_scale()), or bfloat16 autocast"
+                )
         self._watch.seen = False
         if scaler is not None:
             scaler.unscale_(self)
@@ -228,6 +296,8 @@ class SAM(torch.optim.Optimizer):
         grads = self._gradient_tree(pairs)
         if not self._finite_or_skip(grads, FIRST_PASS, scaled=scaler is not None):
             self._skip_second = True
+        elif self.method is not None:
+            self._perturb_by_method(self.method.grad)  # type: ignore[arg-type]
         elif pairs:
             self._perturb(pairs)
         if zero_grad:
@@ -237,20 +307,57 @@ class SAM(torch.optim.Optimizer):
         options = [self._group_options(gi, group) for gi, _, group, _ in pairs]
         params = [p for *_, p in pairs]
         grads = [p.grad for p in params]
-        e = _perturbation_leaves(
-            params,
-            grads,  # type: ignore[arg-type]
-            [rho for rho, _, _ in options],
-            [adaptive for _, adaptive, _ in options],
-            [eta for _, _, eta in options],
-            "l2",
-        )
+        ascent = _groups_ascent(options)
+        e, _ = ascent.update(grads, ascent.init(params), params)
+        self._move(params, e)
+
+    def _move(self, params: list[torch.Tensor], e: Sequence[torch.Tensor]) -> None:
+        """``w <- w + e``, keeping ``w`` in the backup storage."""
         for p in params:
             if p not in self._backup:
                 self._backup[p] = torch.empty_like(p)
         torch._foreach_copy_([self._backup[p] for p in params], params)
         self._perturbed = params
-        torch._foreach_add_(params, e)
+        torch._foreach_add_(params, list(e))
+
+    def _method_params(self) -> list[torch.Tensor]:
+        """The leaves a method sees: every trainable parameter, in group order."""
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        ids = [id(p) for p in params]
+        if self.method_state is not None and self._method_leaves and ids != self._method_leaves:
+            raise RuntimeError(
+                "the trainable parameters changed since the method's state was built (a "
+                "group added or a parameter frozen or unfrozen): build a new SAM optimizer"
+            )
+        self._method_leaves = ids
+        return params
+
+    def _perturb_by_method(self, grad: MethodGrad) -> None:
+        params = self._method_params()
+        if self.method_state is None:
+            self.method_state = grad.init(params)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        e, self._pending_ascent = grad.ascent.update(grads, self.method_state.ascent, params)
+        if grad.uses_first_gradient:  # a later zero_grad or backward would change .grad
+            self._first_grads = [g.clone() for g in grads]
+        self._move(params, e)
+
+    def _combine(self, grad: MethodGrad) -> None:
+        """The method's gradient from ``g`` and ``g_s``, into ``.grad``; the state moves on."""
+        assert self.method_state is not None
+        params = self._method_params()
+        perturbed = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        first = self._first_grads if self._first_grads is not None else perturbed
+        out, combine_state = grad.combiner.update(
+            first, perturbed, self.method_state.combine, params
+        )
+        for p, new in zip(params, out):
+            if p.grad is None:
+                p.grad = new
+            elif new is not p.grad:
+                p.grad.copy_(new)
+        self.method_state = MethodState(self._pending_ascent, combine_state)
+        self._first_grads = None
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -279,6 +386,7 @@ class SAM(torch.optim.Optimizer):
         """
         self.restore()
         skipped = self._skip_second
+        self._pending_ascent = None if skipped else self._pending_ascent
         self._skip_second = False
         self._watch.seen = False
         if not skipped:
@@ -291,14 +399,21 @@ class SAM(torch.optim.Optimizer):
 
     def _descend(self, scaler: Optional[torch.amp.GradScaler]) -> None:
         """The base optimizer's step on the second pass's gradients, if they are usable."""
+        grad = self.method.grad if self.method is not None else None
         if scaler is not None:
+            before = self.method_state
+            if isinstance(grad, MethodGrad):
+                self._combine(grad)  # a plain combiner (checked): g_s as it is
             scaler.step(self.base_optimizer)
             grads = self._gradient_tree(list(self._with_grads()))
             if grads and not _tree.norm_is_finite(grads):
                 self.skipped_steps += 1  # scaler.step skipped it
+                self.method_state = before
             return
         grads = self._gradient_tree(list(self._with_grads()))
         if self._finite_or_skip(grads, SECOND_PASS, scaled=False):
+            if isinstance(grad, MethodGrad):
+                self._combine(grad)
             self.base_optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -378,6 +493,8 @@ class SAM(torch.optim.Optimizer):
         self._refuse_mid_step("save a state_dict")
         state = super().state_dict()
         state["base_optimizer"] = self.base_optimizer.state_dict()
+        if self.method is not None:
+            state["method_state"] = self.method_state
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -401,6 +518,7 @@ class SAM(torch.optim.Optimizer):
                 f"got keys {sorted(state_dict)}"
             )
         base_state = state_dict.pop("base_optimizer", None)
+        self._load_method_state(state_dict.pop("method_state", None))
         if base_state is None and not all(SAM_OPTIONS[0] in group for group in groups):
             self._load_base_state(state_dict)
             return
@@ -420,6 +538,21 @@ class SAM(torch.optim.Optimizer):
         else:
             self.base_optimizer.load_state_dict(base_state)
         self.base_optimizer.param_groups = self.param_groups
+
+    def _load_method_state(self, method_state: Any) -> None:
+        if self.method is None:
+            if method_state is not None:
+                raise ValueError(
+                    "the state_dict holds a method's state, but this SAM has no method: "
+                    "build it with the same method=..."
+                )
+            return
+        if method_state is not None and not isinstance(method_state, MethodState):
+            raise TypeError(
+                f"method_state must be a MethodState, got {type(method_state).__name__}"
+            )
+        self.method_state = method_state
+        self._method_leaves = []
 
     def _load_base_state(self, state_dict: dict[str, Any]) -> None:
         current = [{key: group[key] for key in SAM_OPTIONS} for group in self.param_groups]
@@ -441,6 +574,8 @@ class SAM(torch.optim.Optimizer):
         state["base_optimizer"] = self.base_optimizer
         state["nonfinite"] = self.nonfinite
         state["skipped_steps"] = self.skipped_steps
+        state["method"] = self.method
+        state["method_state"] = self.method_state
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -448,64 +583,11 @@ class SAM(torch.optim.Optimizer):
         base = state.pop("base_optimizer", None)
         self.nonfinite = state.pop("nonfinite", "raise")
         self.skipped_steps = state.pop("skipped_steps", 0)
+        self.method = state.pop("method", None)
+        self.method_state = state.pop("method_state", None)
         super().__setstate__(state)
         if base is not None:
             self.base_optimizer = base
             # One pickle shares one list object, so these are the same groups again.
             self.param_groups = base.param_groups
         self._start_runtime()
-
-
-def _batch_norms(model: torch.nn.Module) -> Iterator[torch.nn.modules.batchnorm._BatchNorm]:
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            yield module
-
-
-def disable_running_stats(model: torch.nn.Module) -> None:
-    """Stops BatchNorm layers updating their running statistics (the seed's helper).
-
-    Call it before the second, perturbed forward pass; ``enable_running_stats``
-    undoes it. Besides setting ``momentum`` to 0 as the seed does, this keeps
-    ``num_batches_tracked`` from counting the second pass.
-    """
-    for bn in _batch_norms(model):
-        if hasattr(bn, "_samfunc_saved"):
-            continue
-        tracked = bn.num_batches_tracked
-        saved = tracked.clone() if isinstance(tracked, torch.Tensor) else None
-        bn._samfunc_saved = (bn.momentum, saved)  # type: ignore[assignment]
-        bn.momentum = 0.0
-
-
-def enable_running_stats(model: torch.nn.Module) -> None:
-    """Undoes ``disable_running_stats``."""
-    for bn in _batch_norms(model):
-        saved = getattr(bn, "_samfunc_saved", None)
-        if saved is None:
-            continue
-        momentum, tracked = saved
-        bn.momentum = momentum
-        if tracked is not None and isinstance(bn.num_batches_tracked, torch.Tensor):
-            with torch.no_grad():
-                bn.num_batches_tracked.copy_(tracked)
-        del bn._samfunc_saved
-
-
-@contextlib.contextmanager
-def frozen_running_stats(model: torch.nn.Module) -> Iterator[None]:
-    """A context in which BatchNorm running statistics stay as they are.
-
-    Example:
-        >>> import torch
-        >>> model = torch.nn.BatchNorm1d(3)
-        >>> with frozen_running_stats(model):
-        ...     _ = model(torch.randn(8, 3))
-        >>> model.running_mean
-        tensor([0., 0., 0.])
-    """
-    disable_running_stats(model)
-    try:
-        yield
-    finally:
-        enable_running_stats(model)

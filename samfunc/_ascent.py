@@ -1,0 +1,488 @@
+"""Ascent transforms: from the gradient ``g`` at ``w`` to the perturbation ``e``.
+
+An ascent is a ``GradientTransformation``: ``update(g, state, params)``
+returns ``(e, new_state)``. SAM's is a ``chain`` of small pieces::
+
+    e = rho * g / (||g||_2 + 1e-12)              chain(normalize(), scale_by_radius(rho))
+
+and ASAM's (Kwon et al., 2021) rescales by ``T = |w| + eta`` before and after
+the norm: ``e = rho * T^2 g / ||T g||``. Directions with memory are pieces
+with state: Friendly-SAM's ``subtract_momentum`` and VaSSO's
+``average_gradients``; ESAM's ``random_leaf_subset`` perturbs a random subset
+of the leaves. Any transform can be an ascent (as ``adv_optimizer`` in
+``optax.contrib.sam``): pass it to ``samfunc.sharpness_aware``.
+
+Example:
+    >>> import torch
+    >>> import samfunc
+    >>> ascent = samfunc.chain(samfunc.normalize(), samfunc.scale_by_radius(0.5))
+    >>> g = {"w": torch.tensor([3.0, 4.0])}
+    >>> e, _ = ascent.update(g, ascent.init(g), g)
+    >>> e["w"]
+    tensor([0.3000, 0.4000])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from . import _tree
+from ._base import (
+    EmptyState,
+    GradientTransformation,
+    Norm,
+    OptState,
+    Params,
+    Rho,
+    Schedule,
+    Updates,
+    check_state,
+)
+from ._combine import chain, masked
+from ._rng import uniform
+from ._schedule import check_schedule_nonnegative
+from ._transform import init_count
+from ._tree import Mask
+from ._validate import check_in_interval, check_nonnegative, check_number, check_rho, guard_radius
+
+__all__ = [
+    "NORM_EPS",
+    "NORMS",
+    "Norm",
+    "Rho",
+    "ScaleByRadiusState",
+    "AverageGradientsState",
+    "SubtractMomentumState",
+    "RandomLeafSubsetState",
+    "check_norm",
+    "check_adaptive",
+    "normalize",
+    "scale_by_param_abs",
+    "scale_by_radius",
+    "average_gradients",
+    "subtract_momentum",
+    "random_leaf_subset",
+    "joining_leaves",
+    "sam_ascent",
+    "mask_flags",
+]
+
+#: Added to the gradient norm before dividing, as in the paper's code.
+NORM_EPS = 1e-12
+
+NORMS: tuple[Norm, ...] = ("l2", "none", "inf")
+
+
+def check_norm(norm: Any) -> Norm:
+    """``norm`` if it is one of ``NORMS``."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    result: Norm = norm
+    return result
+
+
+def check_adaptive(adaptive: Any) -> bool | Mask:
+    """``adaptive`` is a bool or a mask; a string such as ``"False"`` is neither."""
+    if isinstance(adaptive, (bool, dict, list, tuple)) or callable(adaptive):
+        return adaptive
+    raise TypeError(
+        "adaptive must be True, False, a tree of bools or a predicate (path, leaf) -> bool, "
+        f"got {adaptive!r}"
+    )
+
+
+def _empty_init(params: Params) -> EmptyState:
+    del params
+    return EmptyState()
+
+
+def _needs_params(owner: str, params: Optional[Params]) -> Params:
+    if params is None:
+        raise ValueError(f"{owner} needs params: call update(grads, state, params)")
+    return params
+
+
+def _times_factor(updates: Updates, factor: float | torch.Tensor) -> Updates:
+    """``factor * updates``; 16-bit leaves are multiplied in float32.
+
+    ``rho / ||g||`` can exceed float16's range when the gradient is tiny, so
+    half-precision leaves are upcast for the product and cast back.
+    """
+    leaves, spec = _tree.flatten(updates)
+    if not leaves:
+        return updates
+    wide = [leaf.float() if leaf.element_size() < 4 else leaf for leaf in leaves]
+    scaled = _tree.mul_leaves(wide, factor)
+    return _tree.unflatten([s.to(leaf.dtype) for s, leaf in zip(scaled, leaves)], spec)
+
+
+def normalize(ord: Norm = "l2", *, eps: float = NORM_EPS) -> GradientTransformation:
+    """Scales the updates to unit norm, over all leaves together.
+
+    Args:
+        ord: ``"l2"``: ``u / (||u||_2 + 1e-12)``, one global L2 norm (a zero
+            ``u`` stays zero); ``"inf"``: ``sign(u)``, the steepest ascent for
+            an L-infinity ball; ``"none"``: ``u`` unchanged (unnormalized SAM).
+        eps: added to the L2 norm before dividing (1e-12, the SAM authors').
+
+    Example:
+        >>> import torch
+        >>> t = normalize()
+        >>> t.update([torch.tensor([3.0, 4.0])], t.init(None))[0]
+        [tensor([0.6000, 0.8000])]
+    """
+    ord = check_norm(ord)
+    eps = check_nonnegative("eps", eps)
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        if ord == "none":
+            return updates, state
+        if ord == "inf":
+            return _tree.tree_map(torch.sign, updates), state
+        return _times_factor(updates, 1.0 / (_tree.global_norm(updates) + eps)), state
+
+    return GradientTransformation(_empty_init, update)
+
+
+def scale_by_param_abs(eta: float = 0.0) -> GradientTransformation:
+    """Multiplies the updates by ``T = |w| + eta``, leaf by leaf: ASAM's ``T_w``.
+
+    Needs ``params`` in ``update``. Kwon et al. (2021) use it before and after
+    the norm: ``chain(scale_by_param_abs(eta), normalize(), scale_by_param_abs(eta), ...)``
+    gives ``T^2 g / ||T g||``.
+
+    Example:
+        >>> import torch
+        >>> t = scale_by_param_abs(0.5)
+        >>> t.update([torch.ones(2)], t.init(None), [torch.tensor([-1.0, 0.0])])[0]
+        [tensor([1.5000, 0.5000])]
+    """
+    eta = check_nonnegative("eta", eta)
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        weights = _tree.leaves(_needs_params("scale_by_param_abs", params))
+        leaves, spec = _tree.flatten(updates)
+        if _tree.fused_ops():
+            scales = list(torch._foreach_add(torch._foreach_abs(weights), eta))
+        else:
+            scales = [w.abs() + eta for w in weights]
+        return _tree.unflatten(_tree.mul_lists(leaves, scales), spec), state
+
+    return GradientTransformation(_empty_init, update)
+
+
+class ScaleByRadiusState(NamedTuple):
+    """State of ``scale_by_radius``.
+
+    Attributes:
+        step: how many updates were made (a schedule's argument).
+        radius: the radius of the last update (float32; a metric to report).
+    """
+
+    step: torch.Tensor
+    radius: torch.Tensor
+
+
+def scale_by_radius(rho: Rho) -> GradientTransformation:
+    """Multiplies the updates by the radius ``rho``.
+
+    Args:
+        rho: a float >= 0; a floating 0-d tensor; or a schedule ``step -> rho``
+            of the number of updates made (``samfunc.linear_schedule`` and the
+            others; GSAM ties it to the learning rate with
+            ``samfunc.rho_from_learning_rate``). A schedule's value that is
+            negative or not finite becomes NaN, so the non-finite policy of the
+            caller catches it instead of a silent descent.
+
+    Example:
+        >>> import torch
+        >>> t = scale_by_radius(0.1)
+        >>> t.update([torch.ones(2)], t.init([torch.ones(2)]))[0]
+        [tensor([0.1000, 0.1000])]
+    """
+    constant: float | torch.Tensor | None = None
+    schedule: Schedule | None = None
+    if callable(rho) and not isinstance(rho, torch.Tensor):
+        schedule = check_schedule_nonnegative("rho", rho)
+    else:
+        constant = check_rho(rho)
+
+    def init(params: Params) -> ScaleByRadiusState:
+        step = init_count(params)
+        return ScaleByRadiusState(step, torch.zeros((), dtype=torch.float32, device=step.device))
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        check_state("scale_by_radius", state, ScaleByRadiusState)
+        radius = guard_radius(schedule(state.step)) if schedule is not None else constant
+        assert radius is not None
+        # ones * radius, not torch.full: under torch.compile a float that became
+        # symbolic was baked into torch.full's output as a constant (torch 2.13).
+        shown = torch.ones_like(state.radius) * radius
+        return _times_factor(updates, radius), ScaleByRadiusState(state.step + 1, shown)
+
+    return GradientTransformation(init, update)
+
+
+class AverageGradientsState(NamedTuple):
+    """State of ``average_gradients``: the step count and the moving average ``d``."""
+
+    step: torch.Tensor
+    average: Updates
+
+
+def average_gradients(theta: float) -> GradientTransformation:
+    """VaSSO's direction: a moving average of the gradients (Li & Giannakis, 2023).
+
+    ``d = g`` at the first step, then ``d = (1 - theta) d + theta g``; the
+    update is ``d``. ``theta = 1`` gives ``g`` itself (plain SAM's direction).
+
+    Example:
+        >>> import torch
+        >>> t = average_gradients(0.5)
+        >>> state = t.init([torch.zeros(1)])
+        >>> d, state = t.update([torch.ones(1)], state)
+        >>> d, _ = t.update([torch.zeros(1)], state)
+        >>> d
+        [tensor([0.5000])]
+    """
+    theta = check_number("theta", theta)
+    if not 0.0 < theta <= 1.0:
+        raise ValueError(f"theta must be in (0, 1], got {theta}")
+
+    def init(params: Params) -> AverageGradientsState:
+        return AverageGradientsState(init_count(params), _tree.zeros_like(params))
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        check_state("average_gradients", state, AverageGradientsState)
+        _tree.check_same_shapes(state.average, updates, "the state's average", "updates")
+        moved = _lerp(state.average, updates, theta)
+        average = _tree.where(state.step == 0, updates, moved)
+        return average, AverageGradientsState(state.step + 1, average)
+
+    return GradientTransformation(init, update)
+
+
+def _lerp(old: Updates, new: Updates, weight: float) -> Updates:
+    """``(1 - weight) old + weight new``, leaf by leaf."""
+    old_leaves, spec = _tree.flatten(old)
+    new_leaves = _tree.leaves(new)
+    if _tree.fused_ops():
+        kept = torch._foreach_mul(old_leaves, 1.0 - weight)
+        return _tree.unflatten(torch._foreach_add(kept, new_leaves, alpha=weight), spec)
+    return _tree.unflatten(
+        [o * (1.0 - weight) + n * weight for o, n in zip(old_leaves, new_leaves)], spec
+    )
+
+
+class SubtractMomentumState(NamedTuple):
+    """State of ``subtract_momentum``: the step count and the momentum ``m``."""
+
+    step: torch.Tensor
+    momentum: Updates
+
+
+def subtract_momentum(sigma: float, lmbda: float) -> GradientTransformation:
+    """Friendly-SAM's direction: the gradient minus its full-batch part (Li et al., 2024).
+
+    The update is ``g - sigma m`` with ``m`` the momentum before this step
+    (``g`` itself at the first step); then ``m = lmbda m + (1 - lmbda) g``,
+    an average of the raw gradients (``m = g`` at the first step).
+
+    Example:
+        >>> import torch
+        >>> t = subtract_momentum(1.0, 0.5)
+        >>> state = t.init([torch.zeros(1)])
+        >>> u, state = t.update([torch.ones(1)], state)
+        >>> u, _ = t.update([torch.full((1,), 3.0)], state)
+        >>> u
+        [tensor([2.])]
+    """
+    sigma = check_number("sigma", sigma)
+    lmbda = check_in_interval("lmbda", lmbda, 0.0, 1.0)
+
+    def init(params: Params) -> SubtractMomentumState:
+        return SubtractMomentumState(init_count(params), _tree.zeros_like(params))
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        check_state("subtract_momentum", state, SubtractMomentumState)
+        _tree.check_same_shapes(state.momentum, updates, "the state's momentum", "updates")
+        first = state.step == 0
+        direction = _tree.where(first, updates, _tree.add_scaled(updates, state.momentum, -sigma))
+        momentum = _tree.where(first, updates, _lerp(state.momentum, updates, 1.0 - lmbda))
+        return direction, SubtractMomentumState(state.step + 1, momentum)
+
+    return GradientTransformation(init, update)
+
+
+class RandomLeafSubsetState(NamedTuple):
+    """State of ``random_leaf_subset``: the generator's key and the step count."""
+
+    key: torch.Tensor
+    step: torch.Tensor
+
+
+def random_leaf_subset(beta: float, seed: int = 0) -> GradientTransformation:
+    """ESAM's stochastic weight perturbation: each leaf joins with probability ``beta``.
+
+    Leaves that do not join become zeros, so a ``normalize`` after this takes
+    the norm over the joining leaves only and they are not perturbed, as in
+    the ESAM authors' code (Du et al., 2022), which then divides ``e`` by
+    ``beta``. The draws are a pure function of ``(seed, step)`` (a
+    counter-based hash, ``samfunc._rng.uniform``), so a run is reproducible,
+    resumable from a saved state, and compilable.
+
+    Example:
+        >>> import torch
+        >>> t = random_leaf_subset(1.0)
+        >>> t.update([torch.ones(1)], t.init([torch.ones(1)]))[0]
+        [tensor([1.])]
+    """
+    beta = check_number("beta", beta)
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+    def init(params: Params) -> RandomLeafSubsetState:
+        step = init_count(params)
+        return RandomLeafSubsetState(torch.full_like(step, seed), step)
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        del params
+        check_state("random_leaf_subset", state, RandomLeafSubsetState)
+        leaves, spec = _tree.flatten(updates)
+        joins = joining_leaves(state.key, state.step, len(leaves), beta)
+        chosen = [
+            torch.where(joins[i].to(leaf.device), leaf, torch.zeros_like(leaf))
+            for i, leaf in enumerate(leaves)
+        ]
+        return _tree.unflatten(chosen, spec), RandomLeafSubsetState(state.key, state.step + 1)
+
+    return GradientTransformation(init, update)
+
+
+def joining_leaves(key: torch.Tensor, step: torch.Tensor, count: int, beta: float) -> torch.Tensor:
+    """Which of ``count`` leaves join ``random_leaf_subset``'s ascent at ``step`` (bools)."""
+    return uniform(key, step, count) < beta
+
+
+def _core(
+    adaptive: Sequence[bool], as_tree: Mask, eta: float, ord: Norm, rho: Rho
+) -> list[GradientTransformation]:
+    """SAM's (or ASAM's) pieces for leaves whose adaptive flags are ``adaptive``.
+
+    ``as_tree`` is the same flags in the structure the pieces will see.
+    """
+    if not any(adaptive):
+        return [normalize(ord), scale_by_radius(rho)]
+    rescale = scale_by_param_abs(eta)
+    if not all(adaptive):
+        rescale = masked(rescale, as_tree)
+    return [rescale, normalize(ord), rescale, scale_by_radius(rho)]
+
+
+def sam_ascent(
+    rho: Rho = 0.05,
+    *,
+    adaptive: bool | Mask = False,
+    eta: float = 0.0,
+    norm: Norm = "l2",
+    mask: Optional[Mask] = None,
+    direction: Optional[GradientTransformation] = None,
+) -> GradientTransformation:
+    """SAM's ascent, with ASAM, a mask and a direction of one's own as options.
+
+    ``e = rho * T^2 d / ||T d||`` where ``d`` is ``direction``'s output (``g``
+    when None) and ``T = |w| + eta`` on the leaves ``adaptive`` selects (1
+    elsewhere); leaves outside ``mask`` get ``e = 0`` and are left out of the
+    norm (and out of ``direction``'s state). Built from ``normalize``,
+    ``scale_by_param_abs``, ``scale_by_radius`` and ``masked``.
+
+    Args:
+        rho: the radius: a float, a 0-d tensor or a schedule of the step count.
+        adaptive: ASAM on every leaf (True) or on the leaves a mask selects.
+        eta: ASAM's offset in ``T = |w| + eta``.
+        norm: ``"l2"``, ``"inf"`` (``rho T sign(d)``) or ``"none"`` (``rho T^2 d``).
+        mask: which leaves to perturb: a tree of bools or a predicate
+            ``(path, leaf) -> bool``.
+        direction: a transform applied to ``g`` first (Friendly-SAM's, VaSSO's).
+
+    Example:
+        >>> import torch
+        >>> ascent = sam_ascent(0.5)
+        >>> g = {"w": torch.tensor([3.0, 4.0])}
+        >>> ascent.update(g, ascent.init(g), g)[0]["w"]
+        tensor([0.3000, 0.4000])
+    """
+    adaptive = check_adaptive(adaptive)
+    eta = check_nonnegative("eta", eta)
+    norm = check_norm(norm)
+    if not callable(rho) or isinstance(rho, torch.Tensor):
+        check_rho(rho)
+    if direction is not None and not isinstance(direction, GradientTransformation):
+        raise TypeError(
+            f"direction must be a GradientTransformation, got {type(direction).__name__}"
+        )
+    built: dict[tuple[tuple[bool, ...], tuple[bool, ...]], GradientTransformation] = {}
+
+    def for_params(params: Params) -> GradientTransformation:
+        """The chain for these params' leaves (masks resolved once per tree shape)."""
+        spec = _tree.flatten(params)[1]
+        flags = mask_flags(mask, params)
+        chosen = tuple(_tree.select(_adaptive_flags(adaptive, params), flags))
+        key = (flags, chosen)
+        if key not in built:
+            # Inside masked, the pieces see the selected leaves as a flat list.
+            as_tree = list(chosen) if not all(flags) else _tree.unflatten(list(chosen), spec)
+            core = _core(chosen, as_tree, eta, norm, rho)
+            ascent = chain(*([direction] if direction is not None else []), *core)
+            if not all(flags):
+                ascent = masked(ascent, _tree.unflatten(list(flags), spec), others="zero")
+            built[key] = ascent
+        return built[key]
+
+    def init(params: Params) -> OptState:
+        return for_params(params).init(params)
+
+    def update(
+        updates: Updates, state: OptState, params: Optional[Params] = None
+    ) -> tuple[Updates, OptState]:
+        params = _needs_params("sam_ascent", params)
+        return for_params(params).update(updates, state, params)
+
+    return GradientTransformation(init, update)
+
+
+def mask_flags(mask: Optional[Mask], params: Params) -> tuple[bool, ...]:
+    """One bool per leaf: all True for ``None``, else the resolved mask."""
+    if mask is None:
+        return (True,) * len(_tree.leaves(params))
+    flags = _tree.resolve_mask(mask, params, "mask")
+    if not any(flags):
+        raise ValueError("mask selects no leaf of params, so nothing would be perturbed")
+    return tuple(flags)
+
+
+def _adaptive_flags(adaptive: bool | Mask, params: Params) -> list[bool]:
+    if isinstance(adaptive, bool):
+        return [adaptive] * len(_tree.leaves(params))
+    return _tree.resolve_mask(adaptive, params, "adaptive")

@@ -1,0 +1,418 @@
+"""Sharpness-aware methods: SAM and its well-known variants, each an ascent plus a combiner.
+
+Every method here is a ``Method(init, grad)``::
+
+    state = method.init(params)
+    grads, loss, state = method.grad(loss_fn, params, batch, state)   # then the optimizer
+
+``sharpness_aware(ascent, combiner)`` builds one from pieces, so a variant of
+one's own is a transform (and, if it mixes the two gradients, a combiner).
+
+Example:
+    >>> import torch
+    >>> import samfunc
+    >>> loss_fn = lambda p, batch: ((batch @ p["w"]) ** 2).mean()
+    >>> params, opt = {"w": torch.ones(3)}, samfunc.sgd(0.1)
+    >>> method = samfunc.gsam(rho=0.05, alpha=0.4)
+    >>> opt_state, method_state = opt.init(params), method.init(params)
+    >>> for _ in range(3):
+    ...     batch = torch.randn(8, 3)
+    ...     grads, loss, method_state = method.grad(loss_fn, params, batch, method_state)
+    ...     updates, opt_state = opt.update(grads, opt_state, params)
+    ...     params = samfunc.apply_updates(params, updates)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from typing_extensions import Unpack
+
+from . import _tree
+from ._ascent import (
+    average_gradients,
+    random_leaf_subset,
+    sam_ascent,
+    subtract_momentum,
+)
+from ._base import (
+    Combiner,
+    EmptyState,
+    GradientTransformation,
+    Method,
+    OptState,
+    Params,
+    PerturbationOptions,
+    Rho,
+    Schedule,
+    Updates,
+)
+from ._combine import chain
+from ._engine import MethodGrad
+from ._transform import scale
+from ._validate import check_in_interval, check_nonnegative, check_number
+
+__all__ = [
+    "sharpness_aware",
+    "perturbed_gradient",
+    "surrogate_gap_decomposition",
+    "weighted_sharpness",
+    "sam",
+    "gsam",
+    "rho_from_learning_rate",
+    "friendly_sam",
+    "vasso",
+    "wsam",
+    "esam",
+    "normalization_mask",
+]
+
+#: The gradient norm's offset in GSAM's projection (``perturb_eps`` in its code).
+_PROJECTION_EPS = 1e-12
+
+
+def _empty_init(params: Params) -> EmptyState:
+    del params
+    return EmptyState()
+
+
+def perturbed_gradient() -> Combiner:
+    """Plain SAM's combiner: the method's gradient is ``g_s``, the one at ``w + e``."""
+
+    def update(
+        grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
+    ) -> tuple[Updates, OptState]:
+        del grads, params
+        return perturbed_grads, state
+
+    return Combiner(_empty_init, update)
+
+
+def sharpness_aware(
+    ascent: GradientTransformation,
+    combiner: Optional[Combiner] = None,
+    *,
+    select_fraction: Optional[float] = None,
+    name: str = "sharpness_aware",
+) -> Method:
+    """A method from its pieces: any ascent transform and a combiner.
+
+    Args:
+        ascent: a ``GradientTransformation`` from ``g`` to ``e``; its
+            ``update`` gets the params. E.g. ``samfunc.sam_ascent(0.05)`` or a
+            ``chain`` of ``normalize``, ``scale_by_radius`` and your own pieces.
+        combiner: how ``g`` and ``g_s`` become the gradient; ``g_s`` when None.
+        select_fraction: ESAM's data selection (see ``esam``); None for the
+            whole batch in the second pass.
+        name: for error messages.
+
+    Example:
+        >>> import torch
+        >>> import samfunc
+        >>> ascent = samfunc.chain(samfunc.normalize("inf"), samfunc.scale_by_radius(0.01))
+        >>> method = samfunc.sharpness_aware(ascent)
+        >>> params = {"w": torch.ones(2)}
+        >>> grads, loss, state = method.grad(
+        ...     lambda p, b: (p["w"] * b).sum(), params, torch.ones(2), method.init(params)
+        ... )
+    """
+    if not isinstance(ascent, GradientTransformation):
+        raise TypeError(f"ascent must be a GradientTransformation, got {type(ascent).__name__}")
+    uses_first_gradient = combiner is not None
+    if combiner is None:
+        combiner = perturbed_gradient()
+    if not isinstance(combiner, Combiner):
+        raise TypeError(f"combiner must be a samfunc.Combiner, got {type(combiner).__name__}")
+    if select_fraction is not None:
+        select_fraction = check_number("select_fraction", select_fraction)
+        if not 0.0 < select_fraction <= 1.0:
+            raise ValueError(f"select_fraction must be in (0, 1], got {select_fraction}")
+    grad = MethodGrad(ascent, combiner, select_fraction, name, uses_first_gradient)
+    return Method(grad.init, grad)
+
+
+def sam(rho: Rho = 0.05, **options: Unpack[PerturbationOptions]) -> Method:
+    """SAM (Foret et al., ICLR 2021), and ASAM (Kwon et al., ICML 2021) with ``adaptive``.
+
+    ``e = rho g / (||g|| + 1e-12)``; the gradient is ``g_s = grad L(w + e)``.
+    Official code: google-research/sam; the PyTorch port davda54/sam.
+
+    Args:
+        rho: the radius: a float, a 0-d tensor or a schedule of the step count.
+        **options: ``adaptive``, ``eta``, ``norm``, ``mask``
+            (``samfunc.PerturbationOptions``).
+
+    Example:
+        >>> import samfunc
+        >>> method = samfunc.sam(rho=0.05, adaptive=True, eta=0.01)
+    """
+    return sharpness_aware(sam_ascent(rho, **options), name="sam")
+
+
+def _dot(a: Updates, b: Updates) -> torch.Tensor:
+    """``<a, b>`` over every leaf, accumulated in float32 or wider."""
+    a_leaves, b_leaves = _tree.leaves(a), _tree.leaves(b)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in a_leaves) else torch.float32
+    terms = [(x.to(dtype) * y.to(dtype)).sum() for x, y in zip(a_leaves, b_leaves)]
+    return torch.stack(terms).sum()
+
+
+def surrogate_gap_decomposition(alpha: float) -> Combiner:
+    """GSAM's combiner: ``g_s - alpha * g_perp``.
+
+    ``g_perp = g - (<g, g_s> / ||g_s||^2) g_s`` is the part of the clean
+    gradient ``g`` orthogonal to ``g_s``; descending along ``-g_perp`` lowers
+    the surrogate gap without changing the perturbed loss to first order. The
+    cosine is computed as in the authors' code (juntang-zhuang/GSAM
+    ``gradient_decompose``), with 1e-12 in both denominators.
+    """
+    alpha = check_number("alpha", alpha)
+
+    def update(
+        grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
+    ) -> tuple[Updates, OptState]:
+        del params
+        g_norm = _tree.global_norm(grads)
+        gs_norm = _tree.global_norm(perturbed_grads)
+        cosine = _dot(grads, perturbed_grads) / (g_norm * gs_norm + _PROJECTION_EPS)
+        along = cosine * g_norm / (gs_norm + _PROJECTION_EPS)  # <g, g_s> / ||g_s||^2
+        vertical = _tree.add_scaled(grads, perturbed_grads, -along)
+        return _tree.add_scaled(perturbed_grads, vertical, -alpha), state
+
+    return Combiner(_empty_init, update)
+
+
+def gsam(rho: Rho = 0.05, alpha: float = 0.4, **options: Unpack[PerturbationOptions]) -> Method:
+    """GSAM, surrogate gap guided SAM (Zhuang et al., ICLR 2022).
+
+    The ascent is SAM's, ``e = rho_t g / (||g|| + 1e-12)``; the gradient is
+    ``g_s - alpha * g_perp`` with ``g_perp`` the part of ``g`` orthogonal to
+    ``g_s`` (``surrogate_gap_decomposition``). The paper ties rho to the
+    learning rate: pass ``rho=samfunc.rho_from_learning_rate(...)``. Official
+    code: juntang-zhuang/GSAM (``gsam/gsam.py``) and google-research/big_vision
+    (``trainers/proj/gsam``). The PyTorch code has no default for ``alpha``;
+    0.4 sits in the paper's range (its ViT configuration uses 0.6).
+    ``alpha = 0`` with a constant rho is SAM.
+
+    Example:
+        >>> import samfunc
+        >>> lr = samfunc.cosine_decay_schedule(0.1, 1000)
+        >>> rho = samfunc.rho_from_learning_rate(
+        ...     lr, rho_max=0.1, rho_min=0.01, lr_max=0.1, lr_min=0.0
+        ... )
+        >>> method = samfunc.gsam(rho=rho, alpha=0.4)
+    """
+    combiner = surrogate_gap_decomposition(alpha)
+    return sharpness_aware(sam_ascent(rho, **options), combiner, name="gsam")
+
+
+def rho_from_learning_rate(
+    learning_rate: Schedule, *, rho_max: float, rho_min: float, lr_max: float, lr_min: float
+) -> Schedule:
+    """GSAM's radius, proportional to the learning rate (Zhuang et al., 2022).
+
+    ``rho_t = rho_min + (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min)``,
+    and ``rho_max`` when ``lr_max <= lr_min`` (the authors' ``ProportionScheduler``).
+    ``lr_t`` is ``learning_rate`` at the same step count, so the ascent's rho
+    moves with the optimizer's learning rate when both count the same steps.
+
+    Example:
+        >>> import torch
+        >>> import samfunc
+        >>> lr = samfunc.linear_schedule(0.1, 0.0, 10)
+        >>> rho = rho_from_learning_rate(lr, rho_max=0.2, rho_min=0.02, lr_max=0.1, lr_min=0.0)
+        >>> round(float(rho(torch.tensor(5))), 6)
+        0.11
+    """
+    if not callable(learning_rate):
+        raise TypeError(f"learning_rate must be a schedule, got {learning_rate!r}")
+    rho_max = check_nonnegative("rho_max", rho_max)
+    rho_min = check_nonnegative("rho_min", rho_min)
+    lr_max = check_number("lr_max", lr_max)
+    lr_min = check_number("lr_min", lr_min)
+    if rho_min > rho_max:
+        raise ValueError(f"rho_min must be <= rho_max, got {rho_min} > {rho_max}")
+
+    def schedule(count: torch.Tensor) -> torch.Tensor:
+        lr = learning_rate(count)
+        if lr_max <= lr_min:
+            return torch.ones_like(lr) * rho_max
+        return rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+
+    return schedule
+
+
+def friendly_sam(
+    rho: Rho = 0.05,
+    sigma: float = 1.0,
+    lmbda: float = 0.9,
+    **options: Unpack[PerturbationOptions],
+) -> Method:
+    """Friendly-SAM, F-SAM (Li et al., CVPR 2024).
+
+    The ascent follows ``g - sigma m`` where ``m`` is a moving average of the raw
+    gradients (the full-batch part of ``g``): ``m = g`` at the first step (whose
+    direction is plain ``g``), then the direction uses the momentum before this
+    step and ``m = lmbda m + (1 - lmbda) g`` (``subtract_momentum``). Official
+    code: nblt/F-SAM (``utils.py``, ``FriendlySAM``), whose defaults these are.
+    ``sigma = 0`` is SAM.
+
+    Example:
+        >>> import samfunc
+        >>> method = samfunc.friendly_sam(rho=0.05, sigma=1.0, lmbda=0.9)
+    """
+    direction = subtract_momentum(sigma, lmbda)
+    return sharpness_aware(sam_ascent(rho, direction=direction, **options), name="friendly_sam")
+
+
+def vasso(rho: Rho = 0.05, theta: float = 0.9, **options: Unpack[PerturbationOptions]) -> Method:
+    """VaSSO, variance-suppressed sharpness-aware optimization (Li & Giannakis, NeurIPS 2023).
+
+    The ascent follows a moving average of the gradients: ``d = g`` at the
+    first step, then ``d = (1 - theta) d + theta g``; ``e = rho d / ||d||``
+    (``average_gradients``). Official code: BingcongLi/VaSSO
+    (``solver/vasso.py``); its default ``theta`` is 0.9 (``configs``, ``train.sh``).
+    The authors use 1e-7 in the norm's denominator; samfunc keeps SAM's 1e-12
+    for every method. ``theta = 1`` is SAM.
+
+    Example:
+        >>> import samfunc
+        >>> method = samfunc.vasso(rho=0.05, theta=0.9)
+    """
+    direction = average_gradients(theta)
+    return sharpness_aware(sam_ascent(rho, direction=direction, **options), name="vasso")
+
+
+def weighted_sharpness(gamma: float) -> Combiner:
+    """WSAM's combiner: ``g + gamma / (1 - gamma) (g_s - g)``."""
+    gamma = check_in_interval("gamma", gamma, 0.0, 1.0)
+    weight = gamma / (1.0 - gamma)
+
+    def update(
+        grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
+    ) -> tuple[Updates, OptState]:
+        del params
+        sharpness = _tree.add_scaled(perturbed_grads, grads, -1.0)
+        return _tree.add_scaled(grads, sharpness, weight), state
+
+    return Combiner(_empty_init, update)
+
+
+def wsam(rho: Rho = 0.05, gamma: float = 0.9, **options: Unpack[PerturbationOptions]) -> Method:
+    """WSAM, weighted sharpness as a regularization term (Yue et al., KDD 2023).
+
+    The gradient is ``g + gamma / (1 - gamma) (g_s - g)``, the gradient of
+    ``L(w) + gamma / (1 - gamma) (L(w + e) - L(w))``; ``gamma = 0.5`` is SAM.
+    This is the coupled form of the official code
+    (intelligent-machine-learning/dlrover, ``atorch/optimizers/wsam.py``,
+    ``decouple=False``). Its default, decoupled form steps the base optimizer on
+    ``g`` and adds ``-lr gamma / (1 - gamma) (g_s - g)`` outside it (no momentum
+    or weight decay on that term), which needs the learning rate inside the
+    method; it is not provided.
+
+    Example:
+        >>> import samfunc
+        >>> method = samfunc.wsam(rho=0.05, gamma=0.9)
+    """
+    combiner = weighted_sharpness(gamma)
+    return sharpness_aware(sam_ascent(rho, **options), combiner, name="wsam")
+
+
+def esam(
+    rho: Rho = 0.05,
+    beta: float = 0.6,
+    gamma: float = 0.5,
+    *,
+    seed: int = 0,
+    **options: Unpack[PerturbationOptions],
+) -> Method:
+    """ESAM, efficient SAM (Du et al., ICLR 2022).
+
+    Two savings on SAM's second pass:
+
+    * stochastic weight perturbation: each leaf joins the ascent with
+      probability ``beta``; the norm runs over the joining leaves and ``e`` is
+      divided by ``beta`` (``random_leaf_subset``). Every leaf still gets its
+      gradient at ``w + e``. The draws come from ``seed`` and the step count in
+      the state, so runs are reproducible and resumable;
+    * sharpness-sensitive data selection: the second pass runs on the
+      ``int(gamma * n)`` samples (at least one) whose loss rose most from ``w``
+      to ``w + e``, found with one extra forward pass without gradients.
+
+    So ``loss_fn`` must return **one loss per sample** (a 1-d tensor, e.g.
+    ``cross_entropy(..., reduction="none")``); the gradient of the first pass
+    and the loss reported are their mean, and the batch's tensor leaves must
+    share dim 0 (the samples). ``beta = gamma = 1`` is SAM on the mean loss.
+    Official code: dydjw9/Efficient_SAM (``utils/Esam.py``); the defaults are
+    those of its ``run.sh`` (its ``options.py`` defaults of 1.0 give plain SAM).
+    Where the authors' code keeps the samples *strictly* sharper than the
+    k-th (``k - 1`` or fewer), this keeps the top ``k``; it uses 1e-12 in the
+    norm as SAM does, where they use 1e-7.
+
+    Example:
+        >>> import samfunc
+        >>> method = samfunc.esam(rho=0.05, beta=0.6, gamma=0.5, seed=0)
+    """
+    beta = check_number("beta", beta)
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    gamma = check_number("gamma", gamma)
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    direction = random_leaf_subset(beta, seed)
+    ascent = sam_ascent(rho, direction=direction, **options)
+    if beta < 1.0:
+        ascent = chain(ascent, scale(1.0 / beta))
+    return sharpness_aware(ascent, select_fraction=gamma, name="esam")
+
+
+#: The module types whose parameters SAM-ON perturbs.
+_NORMALIZATION_TYPES: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.modules.batchnorm._NormBase,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LocalResponseNorm,
+    *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()),
+)
+
+
+def normalization_mask(module: torch.nn.Module) -> Callable[[str, torch.Tensor], bool]:
+    """SAM-ON's mask (Mueller et al., NeurIPS 2023): the normalization layers' parameters.
+
+    A predicate ``(path, leaf) -> bool`` for ``mask=``, true for the weights and
+    biases of ``module``'s BatchNorm, InstanceNorm, LayerNorm, GroupNorm and
+    RMSNorm layers, found by module type. Pass it to any method
+    (``samfunc.sam(rho=0.5, mask=samfunc.normalization_mask(model))``) or to
+    ``SAM(..., method=...)``: it matches the parameter names of
+    ``module_params(module)`` and the parameter tensors themselves. The
+    authors' code (mueller-mp/SAM-ON) selects by name instead (``"norm"`` or
+    ``"bn"`` in the name), and uses larger radii than SAM (``rho=0.5`` by default).
+
+    Example:
+        >>> import torch
+        >>> import samfunc
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+        >>> mask = samfunc.normalization_mask(model)
+        >>> [name for name, p in model.named_parameters() if mask(name, p)]
+        ['1.weight', '1.bias']
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    names: set[str] = set()
+    tensors: set[int] = set()
+    for prefix, child in module.named_modules():
+        if isinstance(child, _NORMALIZATION_TYPES):
+            for name, param in child.named_parameters(recurse=False):
+                names.add(f"{prefix}.{name}" if prefix else name)
+                tensors.add(id(param))
+    if not names:
+        raise ValueError(
+            f"module has no normalization layer with parameters: {type(module).__name__}"
+        )
+
+    def is_normalization(path: str, leaf: torch.Tensor) -> bool:
+        return path in names or id(leaf) in tensors
+
+    return is_normalization
