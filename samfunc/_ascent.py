@@ -228,7 +228,7 @@ def scale_by_radius(rho: Rho) -> GradientTransformation:
         assert radius is not None
         # ones * radius, not torch.full: under torch.compile a float that became
         # symbolic was baked into torch.full's output as a constant (torch 2.13).
-        shown = torch.ones_like(state.radius) * radius
+        shown = (torch.ones_like(state.radius) * radius).to(state.radius.dtype)
         return _times_factor(updates, radius), ScaleByRadiusState(state.step + 1, shown)
 
     return GradientTransformation(init, update)

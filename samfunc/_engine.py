@@ -162,7 +162,7 @@ def _mean_of_samples(loss_fn: LossFn, has_aux: bool) -> LossFn:
 
     def mean_loss(params: Params, batch: Batch) -> tuple[torch.Tensor, Any]:
         out = loss_fn(params, batch)
-        losses, aux = out if has_aux else (out, None)
+        losses, aux = out if has_aux else (out, ())  # () not None: no leaf for torch.func
         return losses.mean(), (losses.detach(), aux)
 
     return mean_loss

@@ -237,6 +237,8 @@ def rho_from_learning_rate(
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
         lr = learning_rate(count)
+        wide = torch.float32 if lr.device.type == "mps" else torch.float64
+        lr = lr.to(wide)  # a float32 rho would be off by ~1e-8 of itself
         if lr_max <= lr_min:
             return torch.ones_like(lr) * rho_max
         return rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)

@@ -581,10 +581,11 @@ class SAM(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         base = state.pop("base_optimizer", None)
-        self.nonfinite = state.pop("nonfinite", "raise")
-        self.skipped_steps = state.pop("skipped_steps", 0)
-        self.method = state.pop("method", None)
-        self.method_state = state.pop("method_state", None)
+        self.nonfinite = state.pop("nonfinite", getattr(self, "nonfinite", "raise"))
+        self.skipped_steps = state.pop("skipped_steps", getattr(self, "skipped_steps", 0))
+        # Optimizer.load_state_dict calls this with the groups only: keep what is here.
+        self.method = state.pop("method", getattr(self, "method", None))
+        self.method_state = state.pop("method_state", getattr(self, "method_state", None))
         super().__setstate__(state)
         if base is not None:
             self.base_optimizer = base

@@ -330,13 +330,18 @@ def where(condition: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:
     """``new`` where the 0-d bool ``condition`` is True, else ``old``, leaf by leaf.
 
     No device sync and no Python branch on the value, so a compiled step can
-    keep or drop a whole update. Non-tensor leaves come from ``new``.
+    keep or drop a whole update. Non-tensor leaves come from ``new``. Eager on
+    the CPU, where reading the flag is free, it returns ``new`` or ``old`` whole.
 
     Example:
         >>> import torch
         >>> where(torch.tensor(False), {"w": torch.ones(1)}, {"w": torch.zeros(1)})
         {'w': tensor([0.])}
     """
+    if condition.device.type == "cpu" and fused_ops():
+        # Eager on the CPU, reading the flag costs nothing (no device to wait
+        # for), and choosing a whole tree beats a torch.where per leaf.
+        return new if bool(condition) else old
     new_leaves, spec = flatten(new)
     chosen = [
         torch.where(condition.to(n.device), n, o)

@@ -24,8 +24,26 @@ settings.load_profile(PROFILE)
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+def _loaded(name: str, attribute: str) -> Any:
+    return next(
+        (
+            module
+            for key, module in list(sys.modules.items())
+            if key.rsplit(".", 1)[-1] == name and hasattr(module, attribute)
+        ),
+        None,
+    )
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Prints how many inputs the fuzz properties tried, when tests/test_fuzz.py ran."""
+    """Prints each method's difference to its reference and how many inputs fuzzing tried."""
+    methods = _loaded("test_methods", "DIFFERENCES")
+    if methods is not None and methods.DIFFERENCES:
+        for name, difference in methods.DIFFERENCES.items():
+            terminalreporter.write_line(
+                f"method vs official-code loop, 12 float64 steps: {name}: "
+                f"max abs difference {difference:.2e}"
+            )
     fuzz = next(
         (
             module
