@@ -46,7 +46,14 @@ from ._rng import uniform
 from ._schedule import check_schedule_nonnegative
 from ._transform import init_count
 from ._tree import Mask
-from ._validate import check_in_interval, check_nonnegative, check_number, check_rho, guard_radius
+from ._validate import (
+    check_fraction,
+    check_in_interval,
+    check_nonnegative,
+    check_number,
+    check_rho,
+    guard_radius,
+)
 
 __all__ = [
     "NORM_EPS",
@@ -256,9 +263,7 @@ def average_gradients(theta: float) -> GradientTransformation:
         >>> d
         [tensor([0.5000])]
     """
-    theta = check_number("theta", theta)
-    if not 0.0 < theta <= 1.0:
-        raise ValueError(f"theta must be in (0, 1], got {theta}")
+    theta = check_fraction("theta", theta)
 
     def init(params: Params) -> AverageGradientsState:
         return AverageGradientsState(init_count(params), _tree.zeros_like(params))
@@ -354,9 +359,7 @@ def random_leaf_subset(beta: float, seed: int = 0) -> GradientTransformation:
         >>> t.update([torch.ones(1)], t.init([torch.ones(1)]))[0]
         [tensor([1.])]
     """
-    beta = check_number("beta", beta)
-    if not 0.0 < beta <= 1.0:
-        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    beta = check_fraction("beta", beta)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
 

@@ -52,7 +52,7 @@ from ._base import (
 from ._combine import chain
 from ._engine import MethodGrad
 from ._transform import scale
-from ._validate import check_in_interval, check_nonnegative, check_number
+from ._validate import check_fraction, check_in_interval, check_nonnegative, check_number
 
 __all__ = [
     "sharpness_aware",
@@ -126,9 +126,7 @@ def sharpness_aware(
     if not isinstance(combiner, Combiner):
         raise TypeError(f"combiner must be a samfunc.Combiner, got {type(combiner).__name__}")
     if select_fraction is not None:
-        select_fraction = check_number("select_fraction", select_fraction)
-        if not 0.0 < select_fraction <= 1.0:
-            raise ValueError(f"select_fraction must be in (0, 1], got {select_fraction}")
+        select_fraction = check_fraction("select_fraction", select_fraction)
     grad = MethodGrad(ascent, combiner, select_fraction, name, uses_first_gradient)
     return Method(grad.init, grad)
 
@@ -357,12 +355,8 @@ def esam(
         >>> import samfunc
         >>> method = samfunc.esam(rho=0.05, beta=0.6, gamma=0.5, seed=0)
     """
-    beta = check_number("beta", beta)
-    if not 0.0 < beta <= 1.0:
-        raise ValueError(f"beta must be in (0, 1], got {beta}")
-    gamma = check_number("gamma", gamma)
-    if not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    beta = check_fraction("beta", beta)
+    gamma = check_fraction("gamma", gamma)
     direction = random_leaf_subset(beta, seed)
     ascent = sam_ascent(rho, direction=direction, **options)
     if beta < 1.0:

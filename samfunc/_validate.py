@@ -18,6 +18,7 @@ __all__ = [
     "check_positive",
     "check_in_interval",
     "check_positive_int",
+    "check_fraction",
     "check_rho",
     "guard_radius",
 ]
@@ -76,6 +77,19 @@ def check_in_interval(name: str, value: Any, low: float, high: float) -> float:
     number = check_number(name, value)
     if not low <= number < high:
         raise ValueError(f"{name} must be in [{low}, {high}), got {value}")
+    return number
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """Checks ``0 < value <= 1`` (a probability or a share of something).
+
+    Example:
+        >>> check_fraction("beta", 0.5)
+        0.5
+    """
+    number = check_number(name, value)
+    if not 0.0 < number <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {_shown(value)}")
     return number
 
 
