@@ -47,6 +47,8 @@ __all__ = [
     "Rho",
     "PerturbationOptions",
     "SamOptions",
+    "SAM_OPTION_NAMES",
+    "PARTS_OPTION_NAMES",
     "PartsOptions",
     "PassOptions",
     "EngineOptions",
@@ -152,6 +154,10 @@ class SamOptions(PerturbationOptions, total=False):
     rho: Rho
 
 
+#: The names ``SamOptions`` holds: what shapes SAM's ascent; the rest goes to the engine.
+SAM_OPTION_NAMES = frozenset(SamOptions.__annotations__)
+
+
 class PartsOptions(TypedDict, total=False):
     """How the batch is cut into parts; every method takes these.
 
@@ -170,6 +176,10 @@ class PartsOptions(TypedDict, total=False):
     num_chunks: int
     accum_steps: int
     vectorize_chunks: bool
+
+
+#: The names ``PartsOptions`` holds.
+PARTS_OPTION_NAMES = frozenset(PartsOptions.__annotations__)
 
 
 class PassOptions(PartsOptions, total=False):

@@ -53,11 +53,6 @@ def _part_size(leaves: Sequence[Any], parts: int, name: str) -> int:
     return int(size) // parts
 
 
-def batch_size(batch: PyTree, name: str) -> int:
-    """The common size of dim 0 of ``batch``'s tensor leaves (``name`` is for errors)."""
-    return _part_size(_tree.leaves(batch), 1, name)
-
-
 def split_batch(batch: PyTree, parts: int, name: str) -> list[PyTree]:
     """Splits every tensor leaf of ``batch`` along dim 0 into ``parts`` equal pieces."""
     leaves, spec = _tree.flatten(batch)

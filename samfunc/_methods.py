@@ -149,14 +149,6 @@ def sam(rho: Rho = 0.05, **options: Unpack[PerturbationOptions]) -> Method:
     return sharpness_aware(sam_ascent(rho, **options), name="sam")
 
 
-def _dot(a: Updates, b: Updates) -> torch.Tensor:
-    """``<a, b>`` over every leaf, accumulated in float32 or wider."""
-    a_leaves, b_leaves = _tree.leaves(a), _tree.leaves(b)
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in a_leaves) else torch.float32
-    terms = [(x.to(dtype) * y.to(dtype)).sum() for x, y in zip(a_leaves, b_leaves)]
-    return torch.stack(terms).sum()
-
-
 def surrogate_gap_decomposition(alpha: float) -> Combiner:
     """GSAM's combiner: ``g_s - alpha * g_perp``.
 
@@ -174,7 +166,7 @@ def surrogate_gap_decomposition(alpha: float) -> Combiner:
         del params
         g_norm = _tree.global_norm(grads)
         gs_norm = _tree.global_norm(perturbed_grads)
-        cosine = _dot(grads, perturbed_grads) / (g_norm * gs_norm + _PROJECTION_EPS)
+        cosine = _tree.vdot(grads, perturbed_grads) / (g_norm * gs_norm + _PROJECTION_EPS)
         along = cosine * g_norm / (gs_norm + _PROJECTION_EPS)  # <g, g_s> / ||g_s||^2
         vertical = _tree.add_scaled(grads, perturbed_grads, -along)
         return _tree.add_scaled(perturbed_grads, vertical, -alpha), state

@@ -37,7 +37,15 @@ from typing_extensions import Unpack
 
 from . import _tree
 from ._ascent import mask_flags, sam_ascent
-from ._base import LossFn, Params, PassOptions, PerturbationOptions, Rho, SamOptions
+from ._base import (
+    SAM_OPTION_NAMES,
+    LossFn,
+    Params,
+    PassOptions,
+    PerturbationOptions,
+    Rho,
+    SamOptions,
+)
 from ._engine import run_options
 from ._methods import sam
 from ._tree import PyTree
@@ -52,9 +60,6 @@ __all__ = [
 ]
 
 Batch = PyTree
-
-#: The names in ``SamOptions``: what ``sam()`` takes; the rest goes to the engine.
-_SAM_KEYS = frozenset(SamOptions.__annotations__)
 
 
 class SamGradOptions(SamOptions, PassOptions, total=False):
@@ -117,8 +122,8 @@ def perturbed_params(
 
 def _split(options: SamGradOptions) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(sam()'s options, the engine's)``."""
-    sam_options = {k: v for k, v in options.items() if k in _SAM_KEYS}
-    return sam_options, {k: v for k, v in options.items() if k not in _SAM_KEYS}
+    sam_options = {k: v for k, v in options.items() if k in SAM_OPTION_NAMES}
+    return sam_options, {k: v for k, v in options.items() if k not in SAM_OPTION_NAMES}
 
 
 @overload

@@ -60,13 +60,6 @@ def _loss_only(loss_fn: LossFn, has_aux: bool) -> Callable[[PyTree, Any], torch.
     return loss
 
 
-def _dot(a: PyTree, b: PyTree) -> torch.Tensor:
-    """Inner product of two trees, accumulated in float64."""
-    return torch.stack(
-        [(x.double() * y.double()).sum() for x, y in zip(_tree.leaves(a), _tree.leaves(b))]
-    ).sum()
-
-
 def _random_like(params: PyTree, generator: torch.Generator, rademacher: bool = False) -> PyTree:
     def draw(leaf: torch.Tensor) -> torch.Tensor:
         sample = torch.randn(leaf.shape, generator=generator, dtype=torch.float64)
@@ -259,7 +252,7 @@ def top_hessian_eigenvalue(
     residual, done, why = math.inf, 0, ""
     for done in range(1, iters + 1):
         product = _measured_hvp(loss_fn, params, batch, vector, has_aux)
-        eigenvalue = _dot(vector, product)
+        eigenvalue = _tree.vdot(vector, product, torch.float64)
         residual = _residual_norm(product, eigenvalue, vector)
         if residual <= tol * abs(float(eigenvalue)):
             return eigenvalue, vector
@@ -306,7 +299,9 @@ def hessian_trace(
     values = []
     for _ in range(samples):
         v = _random_like(params, generator, rademacher=True)
-        values.append(_dot(v, _measured_hvp(loss_fn, params, batch, v, has_aux)))
+        values.append(
+            _tree.vdot(v, _measured_hvp(loss_fn, params, batch, v, has_aux), torch.float64)
+        )
     stacked = torch.stack(values)
     error = (
         stacked.std() / math.sqrt(samples) if samples > 1 else torch.zeros((), dtype=torch.float64)

@@ -32,6 +32,8 @@ from typing_extensions import Unpack
 from . import _tree
 from ._ascent import ScaleByRadiusState
 from ._base import (
+    PARTS_OPTION_NAMES,
+    SAM_OPTION_NAMES,
     GradientTransformation,
     Method,
     OptState,
@@ -103,11 +105,6 @@ class StepOptions(SamOptions, PartsOptions, total=False):
     nonfinite: NonFinitePolicy
     loss_scale: Optional[DynamicLossScale]
 
-
-#: The names in ``SamOptions``: they shape the default method, ``samfunc.sam``.
-_SAM_KEYS = frozenset(SamOptions.__annotations__)
-#: The names in ``PartsOptions``: they go to the engine.
-_PARTS_KEYS = frozenset(PartsOptions.__annotations__)
 
 #: What a train step does with a non-finite gradient; see ``samfunc._finite``.
 STEP_POLICIES = ("skip", "raise", "propagate")
@@ -256,7 +253,7 @@ class _SamSettings(NamedTuple):
 
 def _settings(options: StepOptions) -> _SamSettings:
     """Checks every option once, when the step is built, never inside it."""
-    known = _SAM_KEYS | _PARTS_KEYS | {"method", "sam", "nonfinite", "loss_scale"}
+    known = SAM_OPTION_NAMES | PARTS_OPTION_NAMES | {"method", "sam", "nonfinite", "loss_scale"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unexpected option {unknown[0]!r}; the step's options are {sorted(known)}")
@@ -264,14 +261,16 @@ def _settings(options: StepOptions) -> _SamSettings:
     method = options.get("method")
     loss_scale = options.get("loss_scale")
     policy = check_policy("nonfinite", options.get("nonfinite", "skip"), STEP_POLICIES)
-    shape: dict[str, Any] = {k: v for k, v in options.items() if k in _SAM_KEYS and k != "rho"}
-    engine: PassOptions = {k: v for k, v in options.items() if k in _PARTS_KEYS}  # type: ignore[assignment]
+    shape: dict[str, Any] = {
+        k: v for k, v in options.items() if k in SAM_OPTION_NAMES and k != "rho"
+    }
+    engine: PassOptions = {k: v for k, v in options.items() if k in PARTS_OPTION_NAMES}  # type: ignore[assignment]
     engine["nonfinite"] = "raise" if policy == "raise" else "propagate"
     run_options(engine)  # type: ignore[arg-type]  # unknown names and bad values fail here
     rho = _check_rho(options.get("rho", 0.05))  # type: ignore[arg-type]
     if method is not None:
         method = _check_method(method)
-        given = sorted(k for k in options if k in _SAM_KEYS)
+        given = sorted(k for k in options if k in SAM_OPTION_NAMES)
         if given or not sam:
             raise ValueError(
                 "with method=..., set rho, adaptive, eta, norm and mask in the method and leave "

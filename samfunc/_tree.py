@@ -42,6 +42,7 @@ __all__ = [
     "find_leaf",
     "fused_ops",
     "global_norm",
+    "vdot",
     "all_finite",
     "norm_is_finite",
     "where",
@@ -256,8 +257,29 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     tensors = leaves(tree)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return _leaf_norms(tensors, 2, dtype).square().sum().sqrt()
+    return _leaf_norms(tensors, 2, _accumulation_dtype(tensors)).square().sum().sqrt()
+
+
+def _accumulation_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 if any tensor is float64, else float32: what sums over a tree use."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def vdot(a: PyTree, b: PyTree, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The inner product ``<a, b>`` over every leaf of two trees of one structure.
+
+    Accumulated in ``dtype``: by default float32, or float64 when a leaf of
+    ``a`` is float64 (as ``global_norm``).
+
+    Example:
+        >>> import torch
+        >>> float(vdot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])]))
+        11.0
+    """
+    a_leaves, b_leaves = leaves(a), leaves(b)
+    wide = _accumulation_dtype(a_leaves) if dtype is None else dtype
+    terms = [(x.to(wide) * y.to(wide)).sum() for x, y in zip(a_leaves, b_leaves)]
+    return torch.stack(terms).sum()
 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
