@@ -55,6 +55,9 @@ from ._efficient import looksam as looksam
 from ._efficient import mesa as mesa
 from ._efficient import momentum_sam as momentum_sam
 from ._efficient import orthogonal_reuse as orthogonal_reuse
+from ._distributed import DataParallel as DataParallel
+from ._distributed import all_mean as all_mean
+from ._distributed import data_parallel as data_parallel
 from ._engine import FirstPass as FirstPass
 from ._finite import NonFiniteGradientError as NonFiniteGradientError
 from ._loss_scale import DynamicLossScale as DynamicLossScale
@@ -200,6 +203,9 @@ __all__ = [
     "ChoosingStep",
     "compile_step",
     "FirstPass",
+    "DataParallel",
+    "data_parallel",
+    "all_mean",
     "LookSamState",
     "orthogonal_reuse",
     "sharpness_aware",

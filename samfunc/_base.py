@@ -28,6 +28,7 @@ from typing import Any, Literal, NamedTuple, Optional, Protocol, Union
 import torch
 from typing_extensions import TypedDict, Unpack
 
+from ._distributed import DataParallel
 from ._tree import Mask, PyTree
 
 __all__ = [
@@ -173,11 +174,17 @@ class PartsOptions(TypedDict, total=False):
             this size. Default 1.
         vectorize_chunks: run the chunks with ``vmap`` (default) or in a Python
             loop, for losses ``vmap`` cannot batch (BatchNorm in training mode).
+        data_parallel: ``samfunc.data_parallel(mode, group)``: each process of
+            a ``torch.distributed`` group holds one shard of the batch, and the
+            gradients are averaged across them; ``"local"`` (each process
+            perturbs with its own gradient) or ``"global"`` (with the averaged
+            one: single-process SAM on the whole batch). Default None.
     """
 
     num_chunks: int
     accum_steps: int
     vectorize_chunks: bool
+    data_parallel: Optional[DataParallel]
 
 
 #: The names ``PartsOptions`` holds.

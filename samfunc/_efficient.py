@@ -50,6 +50,7 @@ from ._base import (
     Updates,
     check_state,
 )
+from ._distributed import all_mean
 from ._engine import ONE_PASS, RunOptions, check_params, checked_loss_fn, one_pass, run_options
 from ._finite import raise_if_nonfinite, refuse_raise_under_compile
 from ._grad import grad_and_value
@@ -391,6 +392,8 @@ class MesaGrad(_OnePassMethod):
             grad_and_value(regularized, has_aux=True), params, batch, run, True
         )
         value = value.mean() if value.ndim else value
+        if run.data_parallel is not None:  # one_pass averaged the loss with the KL term
+            value = all_mean(value, run.data_parallel.group)
         self._check(grads, value, run)
         return grads, (value, aux), MesaState(teacher, state.steps + 1)
 

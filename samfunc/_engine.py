@@ -33,7 +33,7 @@ import torch
 from torch.func import vmap
 from typing_extensions import Unpack
 
-from . import _batch, _rng, _tree
+from . import _batch, _distributed, _rng, _tree
 from ._base import (
     Combiner,
     EngineOptions,
@@ -45,6 +45,7 @@ from ._base import (
     StepPolicy,
     check_state,
 )
+from ._distributed import DataParallel, check_data_parallel
 from ._finite import NonFinitePolicy, check_policy, raise_if_nonfinite, refuse_raise_under_compile
 from ._grad import grad_and_value
 from ._tree import PyTree
@@ -85,6 +86,17 @@ class RunOptions(NamedTuple):
     vectorize_chunks: bool = True
     reuse_rng: bool = False
     nonfinite: NonFinitePolicy = "propagate"
+    data_parallel: Optional[DataParallel] = None
+
+    @property
+    def local(self) -> bool:
+        """Data-parallel in ``"local"`` mode: each process perturbs with its own gradient."""
+        return self.data_parallel is not None and not self.data_parallel.is_global
+
+    @property
+    def reduces_each_pass(self) -> bool:
+        """Data-parallel in ``"global"`` mode: each pass's gradient is averaged."""
+        return self.data_parallel is not None and self.data_parallel.is_global
 
 
 def run_options(options: EngineOptions) -> RunOptions:
@@ -102,6 +114,12 @@ def run_options(options: EngineOptions) -> RunOptions:
             "num_chunks and accum_steps cannot both be > 1, "
             f"got num_chunks={num_chunks} and accum_steps={accum_steps}"
         )
+    data_parallel = check_data_parallel(merged.data_parallel)
+    if data_parallel is not None and data_parallel.is_global and num_chunks > 1:
+        raise ValueError(
+            "data_parallel='global' averages the whole batch's gradient before the ascent, "
+            f"which num_chunks > 1 (one ascent per chunk) contradicts; got num_chunks={num_chunks}"
+        )
     return RunOptions(
         has_aux=check_bool("has_aux", merged.has_aux),
         num_chunks=num_chunks,
@@ -109,6 +127,7 @@ def run_options(options: EngineOptions) -> RunOptions:
         vectorize_chunks=check_bool("vectorize_chunks", merged.vectorize_chunks),
         reuse_rng=check_bool("reuse_rng", merged.reuse_rng),
         nonfinite=check_policy("nonfinite", merged.nonfinite, ENGINE_POLICIES),
+        data_parallel=data_parallel,
     )
 
 
@@ -175,7 +194,9 @@ def _mean_of_samples(loss_fn: LossFn, has_aux: bool) -> LossFn:
     return mean_loss
 
 
-class _Pass(NamedTuple):
+class Pass(NamedTuple):
+    """One pass's gradient and value (the loss, or ``(loss, aux)``)."""
+
     grads: PyTree
     value: Any
 
@@ -209,10 +230,19 @@ def refuse_choice_under_compile(name: str) -> None:
         )
 
 
-def _chunk_mean(grads: PyTree, value: Any, aux: bool) -> _Pass:
+def _chunk_mean(grads: PyTree, value: Any, aux: bool) -> Pass:
     """Chunk-stacked gradients and loss averaged; aux keeps its leading chunk axis."""
     grads = _tree.tree_map(lambda g: g.mean(0), grads)
-    return _Pass(grads, (value[0].mean(0), value[1]) if aux else value.mean(0))
+    return Pass(grads, (value[0].mean(0), value[1]) if aux else value.mean(0))
+
+
+def mean_pass(done: Pass, data_parallel: Optional[DataParallel], aux: bool) -> Pass:
+    """A pass's gradient and loss averaged over the data-parallel processes (one all-reduce)."""
+    if data_parallel is None:
+        return done
+    loss = done.value[0] if aux else done.value
+    grads, loss, _ = _distributed.mean_with_loss(done.grads, loss, (), data_parallel.group)
+    return Pass(grads, (loss, done.value[1]) if aux else loss)
 
 
 def one_pass(
@@ -221,25 +251,26 @@ def one_pass(
     batch: Batch,
     run: RunOptions,
     aux: bool,
-) -> _Pass:
+) -> Pass:
     """One gradient over the whole batch, cut into parts as ``run`` says.
 
     Chunks (``num_chunks``) run with ``vmap`` or in a loop, as a method's
     passes do, so ``aux`` has the same leading axis whichever kind of step
-    made it; ``accum_steps`` accumulates. The gradient is the parts' mean.
+    made it; ``accum_steps`` accumulates. The gradient is the parts' mean, and
+    with ``data_parallel`` (either mode) the mean over every process's batch.
     """
     if run.num_chunks > 1 and run.vectorize_chunks:
         stacked, in_dims = _batch.stack_chunks(batch, run.num_chunks, "num_chunks")
         grads, value = vmap(
             lambda chunk: grad_fn(params, chunk), in_dims=(in_dims,), randomness="different"
         )(stacked)
-        return _chunk_mean(grads, value, aux)
+        return mean_pass(_chunk_mean(grads, value, aux), run.data_parallel, aux)
     parts = run.num_chunks * run.accum_steps
     if parts > 1:
         name = "num_chunks" if run.num_chunks > 1 else "accum_steps"
         grads, values = _batch.accumulate(grad_fn, params, _batch.split_batch(batch, parts, name))
-        return _Pass(grads, _batch.mean_values(values, aux))
-    return _Pass(*grad_fn(params, batch))
+        return mean_pass(Pass(grads, _batch.mean_values(values, aux)), run.data_parallel, aux)
+    return mean_pass(Pass(*grad_fn(params, batch)), run.data_parallel, aux)
 
 
 def counted(policy_state: Any, full: bool) -> Any:
@@ -337,6 +368,11 @@ class MethodGrad:
                 f"{self.name} decides each step from the whole batch's gradient, so it cannot "
                 f"cut the batch into chunks with their own ascents; got num_chunks={run.num_chunks}"
             )
+        if self.reads_gradient and run.local:
+            raise ValueError(
+                f"{self.name} decides each step from the whole batch's gradient, which "
+                "data_parallel mode 'local' never forms: use samfunc.data_parallel('global')"
+            )
         if self.policy is not None and state.policy == ():
             raise ValueError(
                 f"{self.name} has a step policy, but the state has none: build the state with "
@@ -373,8 +409,37 @@ class MethodGrad:
             grads, value, new_state = self._accumulated(loss, params, batch, state, run)
         else:
             grads, value, new_state = self._single(loss, params, batch, state, run, check=True)
+        if full and run.local:
+            grads, value, new_state = self._mean_of_processes(grads, value, new_state, run)
         new_state = new_state._replace(policy=counted(new_state.policy, full))
         return grads, self._reported(value, run.has_aux), new_state
+
+    def _mean_of_processes(
+        self, grads: PyTree, value: Any, state: MethodState, run: RunOptions
+    ) -> tuple[PyTree, Any, MethodState]:
+        """Data-parallel ``"local"``: the step's results averaged over the processes.
+
+        The method's output, the loss and the state's floating-point leaves on
+        the gradient's device go in one all-reduce, as ``num_chunks`` averages
+        its chunks' results; so over ``P`` processes a step equals one process
+        with ``num_chunks=P`` on the concatenated batch. Leaves elsewhere (a
+        policy's CPU counters and statistics) agree on every process already.
+        """
+        assert run.data_parallel is not None
+        aux = run.has_aux or self.per_sample
+        loss = value[0] if aux else value
+        device = _tree.leaves(grads)[0].device
+        leaves, spec = _tree.flatten(state)
+        shared = [i for i, leaf in enumerate(leaves) if getattr(leaf, "device", None) == device]
+        grads, loss, averaged = _distributed.mean_with_loss(
+            grads, loss, [leaves[i] for i in shared], run.data_parallel.group
+        )
+        for i, leaf in zip(shared, averaged):
+            leaves[i] = leaf
+        value = (loss, value[1]) if aux else loss
+        if run.nonfinite == "raise":
+            raise_if_nonfinite(grads, "either pass (on some process)", loss)
+        return grads, value, _tree.unflatten(leaves, spec)
 
     def planned(self, state: MethodState) -> bool:
         """Whether the policy makes this step full, read (in Python) from ``state``."""
@@ -428,7 +493,7 @@ class MethodGrad:
         full: bool,
     ) -> tuple[PyTree, Any, MethodState]:
         state = state._replace(policy=first.policy)
-        done = _Pass(first.grads, first.value)
+        done = Pass(first.grads, first.value)
         if not full:
             grads, new_state = self.reuse(done.grads, state, params)
         elif run.accum_steps > 1:
@@ -468,11 +533,18 @@ class MethodGrad:
         loss, (_, aux) = value
         return (loss, aux) if has_aux else loss
 
+    @staticmethod
+    def _process_mean(grads: PyTree, run: RunOptions) -> PyTree:
+        assert run.data_parallel is not None
+        return _distributed.all_mean(grads, run.data_parallel.group)
+
     def _grad_fn(self, loss_fn: LossFn, run: RunOptions) -> Callable[..., tuple[PyTree, Any]]:
         return grad_and_value(loss_fn, has_aux=run.has_aux or self.per_sample)
 
     def _check(self, grads: PyTree, where: str, value: Any, run: RunOptions) -> None:
-        if run.nonfinite == "raise":
+        # Data-parallel "local": one process's NaN must not raise on that process
+        # alone (the others would wait in the all-reduce); checked after it.
+        if run.nonfinite == "raise" and not run.local:
             loss = value[0] if run.has_aux or self.per_sample else value
             raise_if_nonfinite(grads, where, loss)
 
@@ -489,7 +561,9 @@ class MethodGrad:
         grad_fn = self._grad_fn(loss_fn, run)
         with _rng.RNG_LOCK if run.reuse_rng else contextlib.nullcontext():
             replay = _rng.capture(_tree.leaves(params)) if run.reuse_rng else None
-            first = _Pass(*grad_fn(params, batch))
+            first = Pass(*grad_fn(params, batch))
+            if run.reduces_each_pass:
+                first = mean_pass(first, run.data_parallel, run.has_aux or self.per_sample)
             if check:
                 self._check(first.grads, FIRST_PASS, first.value, run)
             return self._second(loss_fn, grad_fn, params, batch, state, first, run, replay, check)
@@ -501,7 +575,7 @@ class MethodGrad:
         params: Params,
         batch: Batch,
         state: MethodState,
-        first: _Pass,
+        first: Pass,
         run: RunOptions,
         replay: Optional[_rng.RngStates],
         check: bool,
@@ -510,6 +584,8 @@ class MethodGrad:
         e, ascent_state = self.ascent.update(first.grads, state.ascent, params)
         perturbed = _tree.add_scaled(params, e, 1.0)
         second = self._second_pass(loss_fn, grad_fn, perturbed, batch, first.value, replay)
+        if run.reduces_each_pass:
+            second = Pass(self._process_mean(second.grads, run), second.value)
         if check:
             self._check(second.grads, SECOND_PASS, second.value, run)
         out, combine_state = self.combiner.update(first.grads, second.grads, state.combine, params)
@@ -523,7 +599,7 @@ class MethodGrad:
         batch: Batch,
         first_value: Any,
         replay: Optional[_rng.RngStates],
-    ) -> _Pass:
+    ) -> Pass:
         """The pass at ``w + e``, on the first pass's random draws with ``replay``."""
 
         def at(fn: Callable[[], Any]) -> Any:
@@ -532,7 +608,7 @@ class MethodGrad:
         selected = batch
         if self.select_fraction is not None:
             selected = self._sharpest(loss_fn, perturbed, batch, first_value, at)
-        return _Pass(*at(lambda: grad_fn(perturbed, selected)))
+        return Pass(*at(lambda: grad_fn(perturbed, selected)))
 
     def _sharpest(
         self,
@@ -562,7 +638,9 @@ class MethodGrad:
         grad_fn = self._grad_fn(loss_fn, run)
         aux = run.has_aux or self.per_sample
         grads, values = _batch.accumulate(grad_fn, params, parts)
-        first = _Pass(grads, _batch.mean_values(values, aux))
+        first = Pass(grads, _batch.mean_values(values, aux))
+        if run.reduces_each_pass:
+            first = mean_pass(first, run.data_parallel, aux)
         self._check(first.grads, FIRST_PASS, first.value, run)
         return self._second_accumulated(loss_fn, params, parts, state, first, run)
 
@@ -572,7 +650,7 @@ class MethodGrad:
         params: Params,
         parts: list[Batch],
         state: MethodState,
-        first: _Pass,
+        first: Pass,
         run: RunOptions,
     ) -> tuple[PyTree, Any, MethodState]:
         """The ascent, the second pass accumulated over ``parts``, and the combiner."""
@@ -580,6 +658,8 @@ class MethodGrad:
         e, ascent_state = self.ascent.update(first.grads, state.ascent, params)
         perturbed = _tree.add_scaled(params, e, 1.0)
         sam_grads, perturbed_values = _batch.accumulate(grad_fn, perturbed, parts)
+        if run.reduces_each_pass:
+            sam_grads = self._process_mean(sam_grads, run)
         aux = run.has_aux or self.per_sample
         self._check(sam_grads, SECOND_PASS, _batch.mean_values(perturbed_values, aux), run)
         out, combine_state = self.combiner.update(first.grads, sam_grads, state.combine, params)

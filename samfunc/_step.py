@@ -44,7 +44,8 @@ from ._base import (
     Schedule,
 )
 from ._choose import PLANNED, ChoosingStep, Kind, chooses
-from ._engine import FirstPass, MethodGrad, checked_loss_fn, run_options
+from ._distributed import all_mean
+from ._engine import FirstPass, MethodGrad, Pass, checked_loss_fn, mean_pass, run_options
 from ._finite import (
     NonFinitePolicy,
     check_policy,
@@ -367,7 +368,8 @@ def _passes(
     if settings.nonfinite == "raise":
         refuse_raise_under_compile()
     grad_fn = grad_and_value(checked_loss_fn(loss_fn, has_aux), has_aux=has_aux)
-    grads, value = grad_fn(params, batch)
+    data_parallel = settings.engine.get("data_parallel")
+    grads, value = mean_pass(Pass(*grad_fn(params, batch)), data_parallel, has_aux)
     if settings.nonfinite == "raise":
         raise_if_nonfinite(grads, "the gradient pass", value[0] if has_aux else value)
     return grads, value, state.method_state
@@ -411,6 +413,9 @@ def _gradient(
     grads, (_, (loss, aux)), method_state = _passes(scaled, state, batch, settings, radius, True)
     grads, finite = unscale_grads(grads, scale)
     loss = loss.mean() if loss.ndim else loss  # one loss per chunk or micro-batch: the mean
+    data_parallel = settings.engine.get("data_parallel")
+    if data_parallel is not None:  # the passes averaged the scaled loss, not this one
+        loss = all_mean(loss, data_parallel.group)
     return _Gradient(grads, (loss, aux) if has_aux else loss, finite, method_state)
 
 

@@ -1,0 +1,198 @@
+"""What each process runs in tests/test_distributed.py (spawned; module-level functions).
+
+Every scenario trains a few float64 steps on this process's shard of one
+global batch, with data parallelism over the gloo group, and computes its
+single-process reference on the whole batch in the same process:
+
+* ``"global"`` mode: the same method on the concatenated batch;
+* ``"local"`` mode: the same method with ``num_chunks=world`` on the
+  concatenated batch (one ascent per chunk, i.e. per process).
+
+A scenario returns ``(distributed result, reference)`` as flat lists of
+tensors; the test compares them, and the results of the ranks bitwise.
+Scenarios run in one process group one after another; an error in one is
+recorded and the next runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import samfunc
+from samfunc import _tree
+
+from .multiprocess import format_exception
+
+STEPS = 4
+GLOBAL_BATCH = 16
+LR = 0.1
+
+
+def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(GLOBAL_BATCH * STEPS, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (GLOBAL_BATCH * STEPS,), generator=gen)
+    return x, y
+
+
+def make_params(seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "w1": torch.randn(6, 8, generator=gen, dtype=torch.float64) * 0.5,
+        "b1": torch.zeros(8, dtype=torch.float64),
+        "w2": torch.randn(8, 3, generator=gen, dtype=torch.float64) * 0.5,
+        "b2": torch.zeros(3, dtype=torch.float64),
+    }
+
+
+def loss_fn(params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+    x, y = batch
+    hidden = torch.tanh(x @ params["w1"] + params["b1"])
+    return F.cross_entropy(hidden @ params["w2"] + params["b2"], y)
+
+
+def batches(rank: int | None, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each step's global batch, or this rank's contiguous shard of it."""
+    x, y = make_data()
+    out = []
+    for step in range(STEPS):
+        rows = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
+        bx, by = x[rows], y[rows]
+        if rank is not None:
+            shard = GLOBAL_BATCH // world
+            bx, by = bx[rank * shard : (rank + 1) * shard], by[rank * shard : (rank + 1) * shard]
+        out.append((bx, by))
+    return out
+
+
+def _reference_options(mode: str, world: int) -> dict[str, Any]:
+    return {"num_chunks": world, "vectorize_chunks": False} if mode == "local" else {}
+
+
+def _flat(tree: Any) -> list[torch.Tensor]:
+    return [leaf.detach().clone() for leaf in _tree.leaves(tree)]
+
+
+def train_run(
+    rank: int | None, world: int, mode: str, method_fn: Callable[[], Any] | None, **extra: Any
+) -> list[torch.Tensor]:
+    """Params, loss and grad norm of every step of ``make_train_step``; distributed or reference."""
+    opt = samfunc.sgd(LR, momentum=0.9)
+    method = None if method_fn is None else method_fn()
+    options: dict[str, Any] = dict(extra)
+    if method is not None:
+        options["method"] = method
+    if rank is None:
+        if options.get("sam", True):
+            options.update(_reference_options(mode, world))
+    else:
+        options["data_parallel"] = samfunc.data_parallel(mode)
+    step = samfunc.make_train_step(loss_fn, opt, **options)
+    state = samfunc.init_train_state(make_params(), opt, method=method)
+    record: list[torch.Tensor] = []
+    for batch in batches(rank, world):
+        state, metrics = step(state, batch)
+        record += [metrics.loss, metrics.grad_norm]
+    return _flat(state.params) + _flat(state.method_state) + record
+
+
+def _sam_grad_run(rank: int | None, world: int, mode: str) -> list[torch.Tensor]:
+    params = make_params()
+    options: dict[str, Any] = {"rho": 0.1}
+    if rank is None:
+        options.update(_reference_options(mode, world))
+    else:
+        options["data_parallel"] = samfunc.data_parallel(mode)
+    grads, loss = samfunc.sam_grad(loss_fn, params, batches(rank, world)[0], **options)
+    return [*_flat(grads), loss]
+
+
+def _module_run(rank: int | None, world: int, mode: str) -> list[torch.Tensor]:
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model = model.double()
+    opt = samfunc.sgd(LR, momentum=0.9)
+    options: dict[str, Any] = {"rho": 0.1}
+    if rank is None:
+        options.update(_reference_options(mode, world))
+    else:
+        options["data_parallel"] = samfunc.data_parallel(mode)
+    step = samfunc.make_module_train_step(model, F.cross_entropy, opt, **options)
+    state = samfunc.init_train_state(model, opt)
+    losses = []
+    for batch in batches(rank, world):
+        state, metrics = step(state, batch)
+        losses.append(metrics.loss)
+    return _flat(state.params) + losses
+
+
+def _methods() -> dict[str, Callable[[], Any] | None]:
+    return {
+        "sam": None,
+        "gsam": lambda: samfunc.gsam(rho=0.1, alpha=0.2),
+        "vasso": lambda: samfunc.vasso(rho=0.1, theta=0.4),
+        "looksam": lambda: samfunc.looksam(rho=0.1, k=2, alpha=0.7),
+        "momentum_sam": lambda: samfunc.momentum_sam(rho=0.3),
+    }
+
+
+def functional_scenarios(world: int) -> dict[str, Callable[[int | None], list[torch.Tensor]]]:
+    """name -> run(rank or None for the reference)."""
+    scenarios: dict[str, Callable[[int | None], list[torch.Tensor]]] = {}
+    for mode in ("local", "global"):
+        scenarios[f"sam_grad/{mode}"] = lambda r, m=mode: _sam_grad_run(r, world, m)
+        scenarios[f"module_step/{mode}"] = lambda r, m=mode: _module_run(r, world, m)
+        for name, method_fn in _methods().items():
+            scenarios[f"train_step/{name}/{mode}"] = lambda r, m=mode, f=method_fn: train_run(
+                r, world, m, f
+            )
+    scenarios["train_step/ae_sam/global"] = lambda r: train_run(
+        r, world, "global", lambda: samfunc.ae_sam(rho=0.1, c=0.0, delta=0.5)
+    )
+    scenarios["train_step/plain_gradient"] = lambda r: train_run(r, world, "global", None, sam=False)
+    scenarios["train_step/accum_steps=2/global"] = lambda r: train_run(
+        r, world, "global", None, accum_steps=2
+    )
+    return scenarios
+
+
+def run_scenarios(
+    rank: int, world: int, scenarios: dict[str, Callable[[int | None], Any]]
+) -> dict[str, Any]:
+    """Each scenario's (distributed, reference) results, or its traceback."""
+    out: dict[str, Any] = {}
+    for name, run in scenarios.items():
+        try:
+            out[name] = (run(rank), run(None))
+        except Exception:
+            out[name] = format_exception()
+    return out
+
+
+def functional_worker(rank: int, world: int) -> dict[str, Any]:
+    return run_scenarios(rank, world, functional_scenarios(world))
+
+
+def compiled_worker(rank: int, world: int) -> dict[str, Any]:
+    """One compiled (fullgraph) train step per mode across the processes, against eager."""
+    opt = samfunc.sgd(LR, momentum=0.9)
+    out: dict[str, Any] = {}
+    for mode in ("global", "local"):
+        try:
+            options = {"rho": 0.1, "data_parallel": samfunc.data_parallel(mode)}
+            eager = samfunc.make_train_step(loss_fn, opt, **options)
+            compiled = torch.compile(eager, fullgraph=True)
+            results = []
+            for step in (compiled, eager):
+                state = samfunc.init_train_state(make_params(), opt)
+                for batch in batches(rank, world):
+                    state, metrics = step(state, batch)
+                results.append(_flat(state.params) + [metrics.loss, metrics.grad_norm])
+            out[f"compiled/{mode}"] = tuple(results)
+        except Exception:
+            out[f"compiled/{mode}"] = format_exception()
+    return out
