@@ -46,6 +46,9 @@ from ._combine import MaskedState as MaskedState
 from ._combine import apply_if_finite as apply_if_finite
 from ._combine import chain as chain
 from ._combine import masked as masked
+from ._distributed import DataParallel as DataParallel
+from ._distributed import all_mean as all_mean
+from ._distributed import data_parallel as data_parallel
 from ._efficient import LookSamState as LookSamState
 from ._efficient import MesaState as MesaState
 from ._efficient import MomentumSamState as MomentumSamState
@@ -55,9 +58,6 @@ from ._efficient import looksam as looksam
 from ._efficient import mesa as mesa
 from ._efficient import momentum_sam as momentum_sam
 from ._efficient import orthogonal_reuse as orthogonal_reuse
-from ._distributed import DataParallel as DataParallel
-from ._distributed import all_mean as all_mean
-from ._distributed import data_parallel as data_parallel
 from ._engine import FirstPass as FirstPass
 from ._finite import NonFiniteGradientError as NonFiniteGradientError
 from ._loss_scale import DynamicLossScale as DynamicLossScale

@@ -35,7 +35,14 @@ import torch.distributed as dist
 from . import _tree
 from ._tree import PyTree
 
-__all__ = ["Mode", "DataParallel", "data_parallel", "all_mean", "mean_leaves", "is_dtensor"]
+__all__ = [
+    "Mode",
+    "DataParallel",
+    "data_parallel",
+    "all_mean",
+    "mean_leaves",
+    "refuse_parallel_wrapper",
+]
 
 Mode = Literal["local", "global"]
 MODES = ("local", "global")
@@ -100,13 +107,30 @@ def check_data_parallel(value: Any) -> Optional[DataParallel]:
     )
 
 
-def is_dtensor(leaf: Any) -> bool:
-    """Whether ``leaf`` is a ``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallel)."""
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+def refuse_parallel_wrapper(module: torch.nn.Module) -> None:
+    """A DDP- or FSDP2-wrapped module cannot run in a functional step; an error says what can.
 
-    return isinstance(leaf, DTensor)
+    Their forward passes synchronize (DDP's reducer waits for gradients on its
+    own parameters; FSDP2 gathers its own shards), which parameters swapped in
+    by ``torch.func.functional_call`` never trigger.
+    """
+    if not dist.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        raise TypeError(
+            "make_module_train_step takes the plain module, not DistributedDataParallel: pass "
+            "module.module and data_parallel=samfunc.data_parallel(...), which averages the "
+            "gradients itself"
+        )
+    if isinstance(module, FSDPModule):
+        raise TypeError(
+            "a fully_shard (FSDP2) module gathers its own sharded parameters, which a functional "
+            "step cannot swap in: use samfunc.SAM with the sharded module, or DTensor parameters "
+            "with make_train_step"
+        )
 
 
 def _world_size(group: Optional[Any]) -> int:
@@ -139,7 +163,7 @@ def mean_leaves(tensors: Sequence[Any], group: Optional[Any]) -> list[Any]:
     Leaves of one dtype and device share one flat buffer and one all-reduce.
     """
     world = _world_size(group)
-    found = next((t for t in tensors if is_dtensor(t)), None)
+    found = next((t for t in tensors if _tree.is_dtensor(t)), None)
     if found is not None:
         raise TypeError(
             "data_parallel cannot average DTensor leaves: a DTensor's gradient is already "

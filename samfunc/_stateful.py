@@ -357,7 +357,7 @@ class SAM(torch.optim.Optimizer):
         for p in params:
             if p not in self._backup:
                 self._backup[p] = torch.empty_like(p)
-        torch._foreach_copy_([self._backup[p] for p in params], params)
+        _tree.copy_into([self._backup[p] for p in params], params)
         self._perturbed = params
         torch._foreach_add_(params, list(e))
 
@@ -402,7 +402,7 @@ class SAM(torch.optim.Optimizer):
     def restore(self) -> None:
         """Puts back ``w`` for every parameter ``first_step`` moved (a no-op otherwise)."""
         if self._perturbed:
-            torch._foreach_copy_(self._perturbed, [self._backup[p] for p in self._perturbed])
+            _tree.copy_into(self._perturbed, [self._backup[p] for p in self._perturbed])
         self._perturbed = []
 
     @torch.no_grad()

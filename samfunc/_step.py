@@ -44,7 +44,7 @@ from ._base import (
     Schedule,
 )
 from ._choose import PLANNED, ChoosingStep, Kind, chooses
-from ._distributed import all_mean
+from ._distributed import all_mean, refuse_parallel_wrapper
 from ._engine import FirstPass, MethodGrad, Pass, checked_loss_fn, mean_pass, run_options
 from ._finite import (
     NonFinitePolicy,
@@ -568,6 +568,7 @@ def make_module_train_step(
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    refuse_parallel_wrapper(module)
     settings = _settings(options)
     parts = settings.engine.get("num_chunks", 1) * settings.engine.get("accum_steps", 1)
     parts = parts if settings.sam else 1

@@ -51,6 +51,8 @@ __all__ = [
     "add_leaves",
     "add_scaled",
     "scale",
+    "is_dtensor",
+    "copy_into",
     "zeros_like",
     "resolve_mask",
     "select",
@@ -419,6 +421,28 @@ def scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
     if not a:
         return tree
     return unflatten(mul_leaves(a, factor), spec)
+
+
+def is_dtensor(leaf: Any) -> bool:
+    """Whether ``leaf`` is a ``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallel)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(leaf, DTensor)
+
+
+def copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """``target.copy_(source)`` for each pair, in place.
+
+    One fused ``torch._foreach_copy_``, except for DTensors (FSDP2's sharded
+    parameters), for which that op has no sharding strategy: one copy each.
+    """
+    if any(is_dtensor(t) for t in targets):
+        for target, source in zip(targets, sources):
+            target.copy_(source)
+        return
+    torch._foreach_copy_(list(targets), list(sources))
 
 
 def zeros_like(tree: PyTree) -> PyTree:

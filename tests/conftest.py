@@ -46,6 +46,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
                 f"method vs reference loop, 12 float64 steps: {name}: "
                 f"max abs difference {difference:.2e}"
             )
+    distributed = _loaded("test_distributed", "DIFFERENCES")
+    for name, difference in getattr(distributed, "DIFFERENCES", {}).items():
+        terminalreporter.write_line(
+            f"2 gloo processes vs single-process reference, float64: {name}: "
+            f"max abs difference {difference:.2e}"
+        )
     fuzz = next(
         (
             module

@@ -16,6 +16,7 @@ recorded and the next runs.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -153,7 +154,9 @@ def functional_scenarios(world: int) -> dict[str, Callable[[int | None], list[to
     scenarios["train_step/ae_sam/global"] = lambda r: train_run(
         r, world, "global", lambda: samfunc.ae_sam(rho=0.1, c=0.0, delta=0.5)
     )
-    scenarios["train_step/plain_gradient"] = lambda r: train_run(r, world, "global", None, sam=False)
+    scenarios["train_step/plain_gradient"] = lambda r: train_run(
+        r, world, "global", None, sam=False
+    )
     scenarios["train_step/accum_steps=2/global"] = lambda r: train_run(
         r, world, "global", None, accum_steps=2
     )
@@ -191,8 +194,161 @@ def compiled_worker(rank: int, world: int) -> dict[str, Any]:
                 state = samfunc.init_train_state(make_params(), opt)
                 for batch in batches(rank, world):
                     state, metrics = step(state, batch)
-                results.append(_flat(state.params) + [metrics.loss, metrics.grad_norm])
+                results.append([*_flat(state.params), metrics.loss, metrics.grad_norm])
             out[f"compiled/{mode}"] = tuple(results)
         except Exception:
             out[f"compiled/{mode}"] = format_exception()
     return out
+
+
+# -- the SAM class under DDP and FSDP2, and DTensor parameters ------------------------------
+
+RHO = 0.1
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    return model.double()
+
+
+def hand_sam_loop(mode: str, world: int) -> list[torch.Tensor]:
+    """SAM with torch.optim.SGD in plain torch, from the paper, on the whole batch.
+
+    ``"global"``: one ``e`` from the whole batch's gradient. ``"local"``: each
+    worker's shard gets its own ``e`` from its own gradient; the gradients at
+    the shards' perturbed points are averaged (what DDP with ``no_sync`` on the
+    first pass computes).
+    """
+    model = make_model()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    for x, y in batches(None, world):
+        shards = [(x, y)] if mode == "global" else list(zip(x.chunk(world), y.chunk(world)))
+        total = [torch.zeros_like(p) for p in params]
+        for sx, sy in shards:
+            grads = torch.autograd.grad(F.cross_entropy(model(sx), sy), params)
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            e = [RHO * g / (norm + 1e-12) for g in grads]
+            with torch.no_grad():
+                for p, ei in zip(params, e):
+                    p.add_(ei)
+            perturbed = torch.autograd.grad(F.cross_entropy(model(sx), sy), params)
+            with torch.no_grad():
+                for p, ei in zip(params, e):
+                    p.sub_(ei)
+            total = [t + g / len(shards) for t, g in zip(total, perturbed)]
+        for p, g in zip(params, total):
+            p.grad = g
+        opt.step()
+    return _flat(params)
+
+
+def _full(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """DTensors gathered whole (identical on every rank); plain tensors as they are."""
+    return [t.full_tensor() if _tree.is_dtensor(t) else t for t in tensors]
+
+
+def _class_run(model: torch.nn.Module, rank: int, world: int, pattern: str) -> list[torch.Tensor]:
+    """Trains ``model`` (wrapped or not) with samfunc.SAM on this rank's shards."""
+    opt = samfunc.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    for x, y in batches(rank, world):
+        if pattern == "closure":
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            continue
+        first_pass = model.no_sync() if pattern == "no_sync" else contextlib.nullcontext()
+        with first_pass:
+            F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    return _full(_flat(list(model.parameters())))
+
+
+def ddp_scenarios(world: int) -> dict[str, Callable[[int | None], list[torch.Tensor]]]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def run(rank: int | None, pattern: str, mode: str) -> list[torch.Tensor]:
+        if rank is None:
+            return hand_sam_loop(mode, world)
+        return _class_run(DDP(make_model()), rank, world, pattern)
+
+    return {
+        "ddp/local (no_sync on the first pass)": lambda r: run(r, "no_sync", "local"),
+        "ddp/global": lambda r: run(r, "plain", "global"),
+        "ddp/step(closure)": lambda r: run(r, "closure", "global"),
+    }
+
+
+def fsdp_scenarios(world: int) -> dict[str, Callable[[int | None], list[torch.Tensor]]]:
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded() -> torch.nn.Module:
+        model = make_model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        return fully_shard(model)
+
+    def run(rank: int | None, pattern: str) -> list[torch.Tensor]:
+        if rank is None:
+            return hand_sam_loop("global", world)
+        return _class_run(sharded(), rank, world, pattern)
+
+    return {
+        "fsdp2/first_step,second_step": lambda r: run(r, "plain"),
+        "fsdp2/step(closure)": lambda r: run(r, "closure"),
+    }
+
+
+def _dtensor_loss(params: dict[str, Any], batch: Any) -> torch.Tensor:
+    x, target = batch
+    hidden = torch.tanh(x @ params["w1"] + params["b1"])
+    return ((hidden @ params["w2"] + params["b2"] - target) ** 2).mean()
+
+
+def dtensor_scenarios(world: int) -> dict[str, Callable[[int | None], list[torch.Tensor]]]:
+    """Parameters sharded as DTensors (Shard(0)) and the batch sharded over the same mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def run(rank: int | None, method: Any) -> list[torch.Tensor]:
+        params: dict[str, Any] = make_params()
+        data = [(x, F.one_hot(y, 3).double()) for x, y in batches(rank, world)]
+        if rank is not None:
+            params = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in params.items()}
+            data = [tuple(DTensor.from_local(t, mesh, [Shard(0)]) for t in b) for b in data]
+        opt = samfunc.sgd(LR, momentum=0.9)
+        step = samfunc.make_train_step(_dtensor_loss, opt, method=method)
+        state = samfunc.init_train_state(params, opt, method=method)
+        record = []
+        for batch in data:
+            state, metrics = step(state, batch)
+            record += [metrics.loss, metrics.grad_norm]
+        return _full(_flat(state.params) + record)
+
+    return {
+        "dtensor/train_step sam": lambda r: run(r, samfunc.sam(rho=RHO)),
+        "dtensor/train_step gsam": lambda r: run(r, samfunc.gsam(rho=RHO, alpha=0.2)),
+    }
+
+
+def class_worker(rank: int, world: int) -> dict[str, Any]:
+    scenarios = {**ddp_scenarios(world), **fsdp_scenarios(world), **dtensor_scenarios(world)}
+    return run_scenarios(rank, world, scenarios)
+
+
+def failing_worker(rank: int, world: int) -> None:
+    """Rank 1 fails before a collective that rank 0 waits in (bounded by the group's timeout)."""
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    samfunc.all_mean({"g": torch.ones(3)})
