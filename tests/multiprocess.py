@@ -56,6 +56,7 @@ def _entry(
             payload = io.BytesIO()
             torch.save(fn(rank, world, *args), payload)
             results.put((rank, "ok", payload.getvalue()))
+            dist.barrier()  # gloo may abort a process that tears down while its peer still sends
         finally:
             dist.destroy_process_group()
     except BaseException:

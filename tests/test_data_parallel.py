@@ -80,8 +80,9 @@ def test_engine_options_check_data_parallel() -> None:
         samfunc.make_train_step(_loss, samfunc.sgd(0.1), data_parallel=1)  # type: ignore[typeddict-item]
 
 
-@pytest.mark.skipif(dist.is_available() and dist.is_initialized(), reason="a group is initialized")
 def test_without_a_process_group_the_error_says_what_to_call() -> None:
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         samfunc.sam_grad(_loss, _params(), torch.randn(4, 3), data_parallel=samfunc.data_parallel())
     with pytest.raises(RuntimeError, match="init_process_group"):
@@ -89,7 +90,7 @@ def test_without_a_process_group_the_error_says_what_to_call() -> None:
 
 
 def test_all_mean_refuses_what_is_not_a_gradient(one_process_group: None) -> None:
-    with pytest.raises(TypeError, match="floating-point tensors, got torch.int64 at n"):
+    with pytest.raises(TypeError, match=r"floating-point tensors, got torch\.int64 at n"):
         samfunc.all_mean({"g": torch.ones(2), "n": torch.ones(2, dtype=torch.int64)})
 
 
@@ -125,3 +126,40 @@ def test_one_process_step_equals_the_plain_step(one_process_group: None, mode: s
         assert torch.equal(ours.loss, theirs.loss) and torch.equal(ours.grad_norm, theirs.grad_norm)
     for a, b in zip(_tree.leaves(states[0]), _tree.leaves(states[1])):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("mode", "method", "calls"),
+    [
+        ("local", None, 1),  # the output, the loss and the state in one buffer
+        ("global", None, 2),  # one per pass
+        ("local", "vasso", 1),  # VaSSO's moving average rides in the same buffer
+        ("global", "momentum_sam", 1),  # one pass
+    ],
+)
+def test_one_all_reduce_per_reduced_pass(
+    one_process_group: None, monkeypatch: pytest.MonkeyPatch, mode: str, method: Any, calls: int
+) -> None:
+    from torch.distributed import _functional_collectives as funcol
+
+    sizes: list[int] = []
+    original = funcol.all_reduce
+
+    def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        sizes.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(funcol, "all_reduce", counting)
+    built = {"vasso": samfunc.vasso(rho=0.1), "momentum_sam": samfunc.momentum_sam(rho=0.1)}
+    chosen = built.get(method) if method else None
+    opt = samfunc.sgd(0.1)
+    options: dict[str, Any] = {"data_parallel": samfunc.data_parallel(mode)}
+    if chosen is not None:
+        options["method"] = chosen
+    step = samfunc.make_train_step(_loss, opt, **options)
+    state = samfunc.init_train_state(_params(), opt, method=chosen)
+    for _ in range(3):
+        state, _ = step(state, torch.randn(8, 3))
+    assert len(sizes) == 3 * calls
+    numel = sum(p.numel() for p in _params().values())
+    assert all(size >= numel for size in sizes)  # every leaf (and the loss) in one buffer
