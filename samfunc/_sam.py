@@ -237,10 +237,12 @@ def sam_grad(
         **options: SAM's ``rho`` (a float >= 0 or a 0-d tensor, default 0.05),
             ``adaptive``, ``eta``, ``norm`` and ``mask``
             (``samfunc.PerturbationOptions``), and the engine's ``num_chunks``,
-            ``accum_steps``, ``vectorize_chunks``, ``reuse_rng`` and
-            ``nonfinite`` (``samfunc.PassOptions``). To skip a step with a
-            non-finite gradient, use a train step (``nonfinite="skip"``) or
-            ``apply_if_finite`` around the optimizer.
+            ``accum_steps``, ``vectorize_chunks``, ``data_parallel``,
+            ``reuse_rng`` and ``nonfinite`` (``samfunc.PassOptions``). To skip
+            a step with a non-finite gradient, use a train step
+            (``nonfinite="skip"``) or ``apply_if_finite`` around the optimizer.
+            With ``data_parallel``, ``grads`` and the loss are the averages
+            over the processes.
 
     Returns:
         ``(grads, loss)``, or ``(grads, (loss, aux))`` with ``has_aux``. ``grads``
