@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import _tree
+from . import _integrations, _tree
 from ._ascent import normalize, sam_ascent, scale_by_param_abs, scale_by_radius
 from ._base import GradientTransformation, Method, MethodState
 from ._combine import chain, masked
@@ -270,6 +270,15 @@ class SAM(torch.optim.Optimizer):
                 "tell you: use step(closure), which runs the closure once or twice as it chooses"
             )
 
+    def _wrapped(self) -> Optional[SAM]:
+        """The SAM that Lightning's ``LightningOptimizer`` wraps, when ``self`` is that wrapper.
+
+        It subclasses this class but keeps no state, so the two-step API runs on the SAM
+        inside it (see ``_integrations``).
+        """
+        inner = _integrations.wrapped_optimizer(self)
+        return inner if isinstance(inner, SAM) else None
+
     def _refuse_mid_step(self, action: str) -> None:
         if self._perturbed:
             raise RuntimeError(
@@ -319,6 +328,10 @@ class SAM(torch.optim.Optimizer):
                 moved and ``second_step`` will not step the base optimizer.
                 Call ``scaler.update()`` after ``second_step``.
         """
+        inner = self._wrapped()
+        if inner is not None:
+            inner.first_step(zero_grad, scaler=scaler)
+            return
         if self._perturbed or self._skip_second:
             raise RuntimeError("first_step called twice without second_step in between")
         self._refuse_policy("first_step")
@@ -401,6 +414,10 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Puts back ``w`` for every parameter ``first_step`` moved (a no-op otherwise)."""
+        inner = self._wrapped()
+        if inner is not None:
+            inner.restore()
+            return
         if self._perturbed:
             _tree.copy_into(self._perturbed, [self._backup[p] for p in self._perturbed])
         self._perturbed = []
@@ -423,6 +440,11 @@ class SAM(torch.optim.Optimizer):
                 gradients (unless you called ``scaler.unscale_(opt.base_optimizer)``
                 to clip them) and skips the step if they hold an inf or NaN.
         """
+        inner = self._wrapped()
+        if inner is not None:  # Lightning counts it as a step (global_step, max_steps)
+            with _integrations.counted_as_step(self):
+                inner.second_step(zero_grad, scaler=scaler)
+            return
         self.restore()
         skipped = self._skip_second
         self._pending_ascent = None if skipped else self._pending_ascent

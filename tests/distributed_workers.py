@@ -78,8 +78,19 @@ def _flat(tree: Any) -> list[torch.Tensor]:
     return [leaf.detach().clone() for leaf in _tree.leaves(tree)]
 
 
+def per_sample_loss_fn(params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+    x, y = batch
+    hidden = torch.tanh(x @ params["w1"] + params["b1"])
+    return F.cross_entropy(hidden @ params["w2"] + params["b2"], y, reduction="none")
+
+
 def train_run(
-    rank: int | None, world: int, mode: str, method_fn: Callable[[], Any] | None, **extra: Any
+    rank: int | None,
+    world: int,
+    mode: str,
+    method_fn: Callable[[], Any] | None,
+    loss: Callable[..., torch.Tensor] = loss_fn,
+    **extra: Any,
 ) -> list[torch.Tensor]:
     """Params, loss and grad norm of every step of ``make_train_step``; distributed or reference."""
     opt = samfunc.sgd(LR, momentum=0.9)
@@ -92,7 +103,7 @@ def train_run(
             options.update(_reference_options(mode, world))
     else:
         options["data_parallel"] = samfunc.data_parallel(mode)
-    step = samfunc.make_train_step(loss_fn, opt, **options)
+    step = samfunc.make_train_step(loss, opt, **options)
     state = samfunc.init_train_state(make_params(), opt, method=method)
     record: list[torch.Tensor] = []
     for batch in batches(rank, world):
@@ -112,18 +123,21 @@ def _sam_grad_run(rank: int | None, world: int, mode: str) -> list[torch.Tensor]
     return [*_flat(grads), loss]
 
 
-def _module_run(rank: int | None, world: int, mode: str) -> list[torch.Tensor]:
+def _module_run(
+    rank: int | None, world: int, mode: str, method_fn: Callable[[], Any] | None = None
+) -> list[torch.Tensor]:
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     model = model.double()
     opt = samfunc.sgd(LR, momentum=0.9)
-    options: dict[str, Any] = {"rho": 0.1}
+    method = None if method_fn is None else method_fn()
+    options: dict[str, Any] = {"rho": 0.1} if method is None else {"method": method}
     if rank is None:
         options.update(_reference_options(mode, world))
     else:
         options["data_parallel"] = samfunc.data_parallel(mode)
     step = samfunc.make_module_train_step(model, F.cross_entropy, opt, **options)
-    state = samfunc.init_train_state(model, opt)
+    state = samfunc.init_train_state(model, opt, method=method)
     losses = []
     for batch in batches(rank, world):
         state, metrics = step(state, batch)
@@ -153,6 +167,15 @@ def functional_scenarios(world: int) -> dict[str, Callable[[int | None], list[to
             )
     scenarios["train_step/ae_sam/global"] = lambda r: train_run(
         r, world, "global", lambda: samfunc.ae_sam(rho=0.1, c=0.0, delta=0.5)
+    )
+    # ESAM's data selection ranks each process's own samples (as its official code under
+    # DDP), so "global" equals the whole batch only without selection (gamma=1).
+    for mode, gamma in (("local", 0.5), ("global", 1.0)):
+        scenarios[f"train_step/esam gamma={gamma}/{mode}"] = lambda r, m=mode, g=gamma: train_run(
+            r, world, m, lambda: samfunc.esam(rho=0.1, beta=0.6, gamma=g), per_sample_loss_fn
+        )
+    scenarios["module_step/mesa/global"] = lambda r: _module_run(
+        r, world, "global", lambda: samfunc.mesa(weight=0.8, decay=0.9, start_step=1)
     )
     scenarios["train_step/plain_gradient"] = lambda r: train_run(
         r, world, "global", None, sam=False

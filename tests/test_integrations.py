@@ -3,7 +3,8 @@
 Each test trains a tiny MLP for a few steps through the framework and compares the
 parameters with a SAM loop written from the paper (w + rho g / ||g||, the gradient
 there, back to w, SGD with momentum), counting forward and backward passes. The code
-between ``# recipe:`` and ``# end recipe`` is the README's recipe, word for word.
+between ``# recipe:`` and ``# end recipe`` is each pattern's core; the README's
+self-contained versions run in tests/test_readme_scaling.py.
 """
 
 from __future__ import annotations
@@ -46,18 +47,19 @@ def make_loader(data: Batch, batch_size: int = BATCH) -> torch.utils.data.DataLo
 
 
 def hand_sam(
-    data: Batch, steps: int = STEPS, dtype: torch.dtype = torch.float64, autocast: bool = False
+    data: Batch,
+    steps: int = STEPS,
+    dtype: torch.dtype = torch.float64,
+    autocast: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
-    """SAM from the paper, with SGD + momentum written out; optionally under bf16 autocast."""
+    """SAM from the paper, with SGD + momentum written out; optionally under CPU autocast."""
     net = make_net(dtype)
     params = list(net.parameters())
     velocity: list[torch.Tensor] = []
     x_all, y_all = data
 
     def grads_at(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        context = (
-            torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        )
+        context = contextlib.nullcontext() if autocast is None else torch.autocast("cpu", autocast)
         with context:
             out = net(x)
         return torch.autograd.grad(F.mse_loss(out.to(dtype), y), params)
@@ -97,10 +99,12 @@ class Passes:
         self.backward += 1
 
 
-def bf16_reference(data: Batch) -> list[torch.Tensor]:
-    """The hand loop under bf16 autocast, checked to be far from float32's (autocast matters)."""
-    expected = hand_sam(data, dtype=torch.float32, autocast=True)
-    float32 = hand_sam(data, dtype=torch.float32)
+def autocast_reference(
+    data: Batch, autocast: torch.dtype = torch.bfloat16, steps: int = STEPS
+) -> list[torch.Tensor]:
+    """The hand loop under autocast, checked to be far from float32's (autocast matters)."""
+    expected = hand_sam(data, steps, torch.float32, autocast)
+    float32 = hand_sam(data, steps, torch.float32)
     assert max((a - b).abs().max().item() for a, b in zip(expected, float32)) > 1e-4
     return expected
 
@@ -188,7 +192,7 @@ def test_lightning_automatic_optimization_is_sam(lightning: Any, precision: str)
     assert (model.calls, passes.forward, passes.backward) == (2 * STEPS,) * 3
     assert trainer.global_step == STEPS
     bf16 = precision == "bf16-mixed"
-    expected = bf16_reference(data) if bf16 else hand_sam(data)
+    expected = autocast_reference(data) if bf16 else hand_sam(data)
     check(f"lightning automatic {precision}", expected, model.net, atol=1e-6 if bf16 else 1e-12)
 
 
@@ -253,13 +257,15 @@ def two_step_module() -> type:
     return TwoStep
 
 
-def run_manual(lightning: Any, module: type) -> tuple[Any, Any, Passes]:
-    data = make_data()
-    model = module(make_net())
+def run_manual(
+    lightning: Any, module: type, dtype: torch.dtype = torch.float64, **kwargs: Any
+) -> tuple[Any, Any, Passes]:
+    data = make_data(dtype)
+    model = module(make_net(dtype))
     passes = Passes(model.net)
     # max_epochs=1 is a safety net: the loader holds 2 * STEPS batches, so a run that max_steps
     # does not end trains 2 * STEPS steps instead of hanging.
-    trainer = make_trainer(lightning, max_epochs=1)
+    trainer = make_trainer(lightning, max_epochs=1, **kwargs)
     fit(model, trainer, make_loader(data))
     return model, trainer, passes
 
@@ -277,11 +283,6 @@ def test_lightning_manual_optimization_step_closure_counts_steps(
     check(f"lightning manual {pattern}", hand_sam(make_data()), model.net, atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="first_step/second_step bypass LightningOptimizer.step, so Lightning never counts a "
-    "step; fixed by the proposed _stateful.py patch (then remove this mark)",
-)
 def test_lightning_manual_first_step_second_step_counts_steps(lightning: Any) -> None:
     model, trainer, passes = run_manual(lightning, two_step_module())
     expected = hand_sam(make_data(), steps=passes.forward // 2)
@@ -290,11 +291,6 @@ def test_lightning_manual_first_step_second_step_counts_steps(lightning: Any) ->
     assert trainer.global_step == STEPS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="first_step through LightningOptimizer keeps the method's state on the wrapper, not in "
-    "the optimizer Lightning checkpoints; fixed by the proposed _stateful.py patch",
-)
 def test_lightning_manual_first_step_keeps_method_state_in_the_checkpointed_optimizer(
     lightning: Any,
 ) -> None:
@@ -305,6 +301,34 @@ def test_lightning_manual_first_step_keeps_method_state_in_the_checkpointed_opti
 
     _, trainer, _ = run_manual(lightning, GsamTwoStep)
     assert trainer.optimizers[0].state_dict().get("method_state") is not None
+
+
+def test_lightning_manual_float16_loss_scaling_two_step(lightning: Any) -> None:
+    """precision="16-mixed" on a GPU; the CPU plugin stands in for CUDA's.
+
+    Its GradScaler calls step() without a closure, so float16 loss scaling goes through
+    first_step/second_step(scaler=...).
+    """
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    class Float16(manual_module()):  # type: ignore[misc]
+        def training_step(self, batch: Batch, batch_idx: int) -> None:
+            x, y = batch
+            optimizer = self.optimizers()
+            scaler = self.trainer.precision_plugin.scaler
+            self.manual_backward(F.mse_loss(self.net(x), y))  # scaled by the plugin
+            optimizer.first_step(zero_grad=True, scaler=scaler)
+            self.manual_backward(F.mse_loss(self.net(x), y))
+            optimizer.second_step(zero_grad=True, scaler=scaler)
+            scaler.update()
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    model, trainer, passes = run_manual(lightning, Float16, torch.float32, plugins=[plugin])
+    expected = autocast_reference(make_data(torch.float32), torch.float16, passes.forward // 2)
+    check("lightning manual 16-mixed first_step/second_step", expected, model.net, atol=1e-6)
+    assert trainer.optimizers[0].skipped_steps == 0
+    assert trainer.global_step == STEPS
 
 
 # --- Hugging Face Accelerate ------------------------------------------------------------------
@@ -381,7 +405,7 @@ def test_accelerate_prepared_optimizer_is_sam(
     LOOPS[loop](accelerator, net, make_loader(data))
     assert (passes.forward, passes.backward) == (2 * STEPS, 2 * STEPS)
     bf16 = mixed_precision == "bf16"
-    expected = bf16_reference(data) if bf16 else hand_sam(data, dtype=dtype)
+    expected = autocast_reference(data) if bf16 else hand_sam(data, dtype=dtype)
     atol = {"no": 1e-12, "bf16": 1e-6, "fp16": 1e-6}[mixed_precision]
     check(f"accelerate {loop} mixed_precision={mixed_precision}", expected, net, atol)
 

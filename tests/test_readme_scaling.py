@@ -6,6 +6,14 @@ that name and launched with ``torchrun`` on 2 processes on 127.0.0.1 (each
 turned into one machine: ``--nnodes 1``, the loopback address, a free port).
 Other Python blocks run as they are, in a fresh interpreter. Every run is
 bounded by a timeout.
+
+A known upstream problem is told apart from a failure: with gloo on the CPU,
+torch 2.13 sometimes aborts a process at interpreter exit, after the script's
+last line (``terminate called without an active exception`` from a C++
+destructor; plain DDP with ``torch.optim.SGD`` and no samfunc does it in about
+1 run of 7 on this 2-core machine under load). A script is appended a line
+that prints when it has run to its end, and such an abort after every
+process printed it is accepted.
 """
 
 from __future__ import annotations
@@ -80,12 +88,24 @@ def _on_this_machine(line: str) -> list[str]:
     return out
 
 
-def _run(command: list[str], cwd: Path) -> str:
+END_MARK = "script ran to its end"
+EXIT_ABORT = "terminate called without an active exception"
+
+
+def _write_script(directory: Path, name: str) -> None:
+    (directory / name).write_text(_scripts()[name] + f"\nprint({END_MARK!r}, flush=True)\n")
+
+
+def _run(command: list[str], cwd: Path, processes: int = 1) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     done = subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False
     )
-    assert done.returncode == 0, f"{shlex.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    finished = done.stdout.count(END_MARK) == processes
+    upstream_exit_abort = finished and EXIT_ABORT in done.stderr
+    assert done.returncode == 0 or upstream_exit_abort, (
+        f"{shlex.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    )
     return done.stdout
 
 
@@ -96,9 +116,9 @@ def test_the_section_has_what_it_promises() -> None:
 
 @pytest.mark.parametrize("index", range(2))
 def test_torchrun_commands_run_the_functional_script(tmp_path: Path, index: int) -> None:
-    (tmp_path / "train.py").write_text(_scripts()["train.py"])
+    _write_script(tmp_path, "train.py")
     line = _torchrun_lines()[index]
-    output = _run(_on_this_machine(line), tmp_path)
+    output = _run(_on_this_machine(line), tmp_path, processes=2)
     losses = re.findall(r"rank (\d): loss ([\d.]+)", output)
     assert sorted(rank for rank, _ in losses) == ["0", "1"]
     assert len({loss for _, loss in losses}) == 1, f"ranks report different losses: {losses}"
@@ -106,11 +126,12 @@ def test_torchrun_commands_run_the_functional_script(tmp_path: Path, index: int)
 
 @pytest.mark.parametrize("name", ["train_ddp.py", "train_fsdp.py"])
 def test_class_scripts_run_under_torchrun(tmp_path: Path, name: str) -> None:
-    (tmp_path / name).write_text(_scripts()[name])
-    _run(_on_this_machine(f"torchrun --standalone --nproc-per-node 2 {name}"), tmp_path)
+    _write_script(tmp_path, name)
+    command = _on_this_machine(f"torchrun --standalone --nproc-per-node 2 {name}")
+    _run(command, tmp_path, processes=2)
 
 
 @pytest.mark.parametrize("index", range(len(_others())))
 def test_framework_recipes_run(tmp_path: Path, index: int) -> None:
-    (tmp_path / "recipe.py").write_text(_others()[index])
+    (tmp_path / "recipe.py").write_text(_others()[index] + f"\nprint({END_MARK!r})\n")
     _run([sys.executable, "recipe.py"], tmp_path)
