@@ -478,7 +478,7 @@ class MethodGrad:
         assert self.policy is not None and self.policy.decide is not None
         aux = run.has_aux or self.per_sample
         grads, value = one_pass(self._grad_fn(loss_fn, run), params, batch, run, aux)
-        self._check(grads, FIRST_PASS, value, run)
+        self._check(grads, FIRST_PASS, value, run, averaged=True)
         full, policy = self.policy.decide(_tree.vdot(grads, grads), state.policy)
         return FirstPass(grads, value, full, policy)
 
@@ -522,7 +522,7 @@ class MethodGrad:
         """One pass at ``w`` and the combiner's ``reuse``: a cheap step."""
         aux = run.has_aux or self.per_sample
         grads, value = one_pass(self._grad_fn(loss_fn, run), params, batch, run, aux)
-        self._check(grads, ONE_PASS, value, run)
+        self._check(grads, ONE_PASS, value, run, averaged=True)
         out, new_state = self.reuse(grads, state, params)
         return out, value, new_state
 
@@ -541,10 +541,13 @@ class MethodGrad:
     def _grad_fn(self, loss_fn: LossFn, run: RunOptions) -> Callable[..., tuple[PyTree, Any]]:
         return grad_and_value(loss_fn, has_aux=run.has_aux or self.per_sample)
 
-    def _check(self, grads: PyTree, where: str, value: Any, run: RunOptions) -> None:
+    def _check(
+        self, grads: PyTree, where: str, value: Any, run: RunOptions, averaged: bool = False
+    ) -> None:
         # Data-parallel "local": one process's NaN must not raise on that process
-        # alone (the others would wait in the all-reduce); checked after it.
-        if run.nonfinite == "raise" and not run.local:
+        # alone (the others would wait in the all-reduce): a pass not yet averaged
+        # over the processes is checked after the step's all-reduce instead.
+        if run.nonfinite == "raise" and (averaged or not run.local):
             loss = value[0] if run.has_aux or self.per_sample else value
             raise_if_nonfinite(grads, where, loss)
 

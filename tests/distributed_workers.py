@@ -31,6 +31,7 @@ from .multiprocess import format_exception
 STEPS = 4
 GLOBAL_BATCH = 16
 LR = 0.1
+RHO = 0.1
 
 
 def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,8 +200,39 @@ def run_scenarios(
     return out
 
 
+def nonfinite_on_one_rank(rank: int, world: int) -> dict[str, str]:
+    """A NaN in rank 1's batch only: with nonfinite="raise" every rank raises (none hangs)."""
+    out = {}
+    for mode in ("local", "global"):
+        for name, method in (("sam", samfunc.sam(rho=RHO)), ("looksam", LOOKSAM_CHEAP)):
+            x, y = batches(rank, world)[0]
+            if rank == 1:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            params = make_params()
+            try:
+                method.grad(
+                    loss_fn,
+                    params,
+                    (x, y),
+                    method.init(params),
+                    nonfinite="raise",
+                    full=name == "sam",
+                    data_parallel=samfunc.data_parallel(mode),
+                )
+                out[f"{name}/{mode}"] = "no error"
+            except samfunc.NonFiniteGradientError as error:
+                out[f"{name}/{mode}"] = f"raised: {error}"
+    return out
+
+
+LOOKSAM_CHEAP = samfunc.looksam(rho=0.1, k=2)  # full=False: its cheap step, one pass
+
+
 def functional_worker(rank: int, world: int) -> dict[str, Any]:
-    return run_scenarios(rank, world, functional_scenarios(world))
+    results = run_scenarios(rank, world, functional_scenarios(world))
+    results["nonfinite"] = nonfinite_on_one_rank(rank, world)
+    return results
 
 
 def compiled_worker(rank: int, world: int) -> dict[str, Any]:
@@ -225,8 +257,6 @@ def compiled_worker(rank: int, world: int) -> dict[str, Any]:
 
 
 # -- the SAM class under DDP and FSDP2, and DTensor parameters ------------------------------
-
-RHO = 0.1
 
 
 def make_model() -> torch.nn.Module:

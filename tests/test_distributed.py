@@ -83,6 +83,19 @@ def test_local_and_global_modes_differ(functional_results: list[dict[str, Any]])
     assert max(float((a - b).abs().max()) for a, b in zip(global_, plain)) > 1e-6
 
 
+def test_a_nan_on_one_process_raises_on_every_process(
+    functional_results: list[dict[str, Any]],
+) -> None:
+    """nonfinite="raise": the check runs on averaged gradients, so no process is left waiting."""
+    for rank, result in enumerate(functional_results):
+        outcomes = result["nonfinite"]
+        assert set(outcomes) == {
+            f"{m}/{mode}" for m in ("sam", "looksam") for mode in ("local", "global")
+        }
+        for name, outcome in outcomes.items():
+            assert outcome.startswith("raised:"), f"rank {rank}, {name}: {outcome}"
+
+
 @pytest.mark.parametrize(
     "name",
     [
