@@ -118,7 +118,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # The helpers and plain SAM shared with the other reference loops (davda54-style SAM, eps 1e-12).
-from tests.reference_fsam_vasso_esam import _global_norm, _leaves, _sgd, _snapshot, sam_reference
+from tests.reference_fsam_vasso_esam import (
+    _global_norm,
+    _leaves,
+    _max_diff,
+    _sgd,
+    _snapshot,
+    sam_reference,
+    tiny_problem,
+)
 
 LossFn = Callable[[dict[str, Tensor], Any], Tensor]
 LogitsFn = Callable[[dict[str, Tensor], Tensor], Tensor]
@@ -601,26 +609,10 @@ def _momentum_sam_explicit(
     return out
 
 
-def _max_diff(a: Trajectory, b: Trajectory) -> float:
-    """Largest absolute difference over all steps and leaves."""
-    assert len(a) == len(b)
-    return max(float((x[k] - y[k]).abs().max()) for x, y in zip(a, b) for k in x)
-
-
 def _self_check() -> None:
     """Run the degenerate cases on a tiny float64 MLP and print the max abs differences."""
-    torch.manual_seed(0)
-    dtype = torch.float64
-    n_in, n_hidden, n_out, n, steps = 5, 7, 3, 16, 12
-    params = {
-        "w1": torch.randn(n_in, n_hidden, dtype=dtype) * 0.5,
-        "b1": torch.zeros(n_hidden, dtype=dtype),
-        "w2": torch.randn(n_hidden, n_out, dtype=dtype) * 0.5,
-        "b2": torch.zeros(n_out, dtype=dtype),
-    }
-    batches = [
-        (torch.randn(n, n_in, dtype=dtype), torch.randint(0, n_out, (n,))) for _ in range(steps)
-    ]
+    params, batches = tiny_problem()
+    steps = len(batches)
 
     def logits_fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
         return torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]

@@ -339,14 +339,15 @@ def esam_reference(
 
 def _max_diff(a: Trajectory, b: Trajectory) -> float:
     """Largest absolute difference over all steps and leaves."""
+    assert len(a) == len(b)
     return max(float((x[k] - y[k]).abs().max()) for x, y in zip(a, b) for k in x)
 
 
-def _self_check() -> None:
-    """Run the degenerate cases against plain SAM on a tiny float64 MLP."""
+def tiny_problem(steps: int = 12) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+    """The self-checks' float64 MLP (5-7-3) and ``steps`` batches of 16, seeded."""
     torch.manual_seed(0)
     dtype = torch.float64
-    n_in, n_hidden, n_out, n, steps = 5, 7, 3, 16, 12
+    n_in, n_hidden, n_out, n = 5, 7, 3, 16
     params = {
         "w1": torch.randn(n_in, n_hidden, dtype=dtype) * 0.5,
         "b1": torch.zeros(n_hidden, dtype=dtype),
@@ -356,6 +357,13 @@ def _self_check() -> None:
     batches = [
         (torch.randn(n, n_in, dtype=dtype), torch.randint(0, n_out, (n,))) for _ in range(steps)
     ]
+    return params, batches
+
+
+def _self_check() -> None:
+    """Run the degenerate cases against plain SAM on a tiny float64 MLP."""
+    params, batches = tiny_problem()
+    steps = len(batches)
 
     def per_sample(p: dict[str, Tensor], batch: tuple[Tensor, ...]) -> Tensor:
         x, y = batch
