@@ -107,10 +107,10 @@ def frontier_table(rows: list[dict[str, Any]]) -> str:
 
 def frontier_plot(rows: list[dict[str, Any]], out: Path) -> Path:
     """Clean test accuracy (mean ± std over seeds) against time per epoch relative to SGD."""
-    from .plots import _pyplot
+    from .plots import new_figure
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = new_figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for row in rows:
         ax.errorbar(
             row["time_vs_sgd"],
@@ -135,5 +135,4 @@ def frontier_plot(rows: list[dict[str, Any]], out: Path) -> Path:
     fig.tight_layout()
     path = out / "frontier.png"
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

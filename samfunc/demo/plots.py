@@ -14,19 +14,21 @@ from .data import Dataset
 from .train import RunResult, eval_loss_fn
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def new_figure(**figure_kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` that is not registered with pyplot.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The demo only writes PNG files, so it never touches pyplot's global state or its backend:
+    importing or running it inside Jupyter leaves inline figures working, and nothing needs closing.
+    """
+    from matplotlib.figure import Figure
 
-    return plt
+    return Figure(**figure_kwargs)
 
 
 def learning_curves(results: list[RunResult], out: Path) -> Path:
     """Clean test accuracy and (noisy) training loss per epoch, mean over seeds."""
-    plt = _pyplot()
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = new_figure(figsize=(10, 4))
+    acc_ax, loss_ax = fig.subplots(1, 2)
     for method in dict.fromkeys(r.method for r in results):
         runs = [r for r in results if r.method == method]
         acc = torch.tensor([r.test_curve for r in runs]).mean(0)
@@ -42,7 +44,6 @@ def learning_curves(results: list[RunResult], out: Path) -> Path:
     fig.tight_layout()
     path = out / "learning_curves.png"
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -54,7 +55,6 @@ def landscapes(
     span: float = 1.0,
 ) -> tuple[Path, dict[str, torch.Tensor]]:
     """1-D and 2-D training-loss slices along filter-normalized random directions."""
-    plt = _pyplot()
     alphas = torch.linspace(-span, span, points)
     batch = (data.x_train, data.y_train)
     surfaces, lines = {}, {}
@@ -71,7 +71,8 @@ def landscapes(
             )
         finally:
             model.train()
-    fig, axes = plt.subplots(1, 1 + len(surfaces), figsize=(5 * (1 + len(surfaces)), 4.2))
+    fig = new_figure(figsize=(5 * (1 + len(surfaces)), 4.2))
+    axes = fig.subplots(1, 1 + len(surfaces))
     for name, line in lines.items():
         axes[0].plot(alphas.numpy(), line.numpy(), label=name)
     axes[0].set(
@@ -96,5 +97,4 @@ def landscapes(
     fig.tight_layout()
     path = out / "loss_landscape.png"
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path, lines
