@@ -2,7 +2,7 @@
 
 The public API is flat: everything is importable from ``samfunc``.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> opt = samfunc.sgd(0.1, momentum=0.9)

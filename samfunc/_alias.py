@@ -1,6 +1,6 @@
 """Popular optimizers as ``chain``s of small transforms, equal to ``torch.optim``.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> opt = samfunc.sgd(0.1, momentum=0.9, weight_decay=5e-4)
@@ -49,7 +49,7 @@ def sgd(
         nesterov: Nesterov momentum (needs ``momentum > 0``, ``dampening == 0``).
         weight_decay: L2 penalty added to the gradient.
 
-    Example:
+    Examples:
         >>> opt = sgd(0.1, momentum=0.9, nesterov=True)
     """
     _check_learning_rate(learning_rate)
@@ -80,7 +80,7 @@ def adam(
 ) -> GradientTransformation:
     """Adam, step for step equal to ``torch.optim.Adam`` (L2 weight decay).
 
-    Example:
+    Examples:
         >>> opt = adam(1e-3)
     """
     _check_learning_rate(learning_rate)
@@ -106,7 +106,7 @@ def adamw(
     The decay is scaled by the learning rate, as in PyTorch:
     ``w <- w * (1 - lr * weight_decay) - lr * adam_update``.
 
-    Example:
+    Examples:
         >>> opt = adamw(1e-3, weight_decay=0.05)
     """
     _check_learning_rate(learning_rate)

@@ -12,7 +12,7 @@ with state: Friendly-SAM's ``subtract_momentum`` and VaSSO's
 of the leaves. Any transform can be an ascent (as ``adv_optimizer`` in
 ``optax.contrib.sam``): pass it to ``samfunc.sharpness_aware``.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> ascent = samfunc.chain(samfunc.normalize(), samfunc.scale_by_radius(0.5))
@@ -135,7 +135,7 @@ def normalize(ord: Norm = "l2", *, eps: float = NORM_EPS) -> GradientTransformat
             an L-infinity ball; ``"none"``: ``u`` unchanged (unnormalized SAM).
         eps: added to the L2 norm before dividing (1e-12, the SAM authors').
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = normalize()
         >>> t.update([torch.tensor([3.0, 4.0])], t.init(None))[0]
@@ -164,7 +164,7 @@ def scale_by_param_abs(eta: float = 0.0) -> GradientTransformation:
     the norm: ``chain(scale_by_param_abs(eta), normalize(), scale_by_param_abs(eta), ...)``
     gives ``T^2 g / ||T g||``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = scale_by_param_abs(0.5)
         >>> t.update([torch.ones(2)], t.init(None), [torch.tensor([-1.0, 0.0])])[0]
@@ -209,7 +209,7 @@ def scale_by_radius(rho: Rho) -> GradientTransformation:
             negative or not finite becomes NaN, so the non-finite policy of the
             caller catches it instead of a silent descent.
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = scale_by_radius(0.1)
         >>> t.update([torch.ones(2)], t.init([torch.ones(2)]))[0]
@@ -254,7 +254,7 @@ def average_gradients(theta: float) -> GradientTransformation:
     ``d = g`` at the first step, then ``d = (1 - theta) d + theta g``; the
     update is ``d``. ``theta = 1`` gives ``g`` itself (plain SAM's direction).
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = average_gradients(0.5)
         >>> state = t.init([torch.zeros(1)])
@@ -307,7 +307,7 @@ def subtract_momentum(sigma: float, lmbda: float) -> GradientTransformation:
     (``g`` itself at the first step); then ``m = lmbda m + (1 - lmbda) g``,
     an average of the raw gradients (``m = g`` at the first step).
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = subtract_momentum(1.0, 0.5)
         >>> state = t.init([torch.zeros(1)])
@@ -353,7 +353,7 @@ def random_leaf_subset(beta: float, seed: int = 0) -> GradientTransformation:
     counter-based hash, ``samfunc._rng.uniform``), so a run is reproducible,
     resumable from a saved state, and compilable.
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = random_leaf_subset(1.0)
         >>> t.update([torch.ones(1)], t.init([torch.ones(1)]))[0]
@@ -429,7 +429,7 @@ def sam_ascent(
             ``(path, leaf) -> bool``.
         direction: a transform applied to ``g`` first (Friendly-SAM's, VaSSO's).
 
-    Example:
+    Examples:
         >>> import torch
         >>> ascent = sam_ascent(0.5)
         >>> g = {"w": torch.tensor([3.0, 4.0])}

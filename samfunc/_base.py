@@ -9,7 +9,7 @@ A gradient transformation is a pair of pure functions, in the style of optax:
 Every state is a NamedTuple of tensors (or a tuple of such), so it can be
 saved with ``torch.save`` and passed through ``torch.compile``.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> opt = samfunc.sgd(0.1)
@@ -108,7 +108,7 @@ def check_state(owner: str, state: Any, expected: type) -> None:
     Catches a state from another optimizer (an Adam state given to SGD) before
     it is read field by field.
 
-    Example:
+    Examples:
         >>> check_state("trace", EmptyState(), EmptyState)
     """
     if not isinstance(state, expected):

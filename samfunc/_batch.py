@@ -5,7 +5,7 @@ batch along dim 0 into equal parts; the engine and ``_sharpness`` share these
 helpers. Tensor leaves with a batch dimension are split; other leaves (a
 scalar tensor, a Python number, a string) go whole to every part.
 
-Example:
+Examples:
     >>> import torch
     >>> parts = split_batch((torch.arange(4), 1.0), 2, "num_chunks")
     >>> parts[1]

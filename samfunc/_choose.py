@@ -8,7 +8,7 @@ once, and training never recompiles. A policy that reads the first gradient
 (AE-SAM) has three parts: the first pass, then the rest of a full step or of
 a cheap one.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> loss_fn = lambda p, batch: ((batch @ p["w"]) ** 2).mean()
@@ -129,7 +129,7 @@ def compile_step(step: Callable[..., Any], **options: Any) -> Callable[..., Any]
         step: from ``make_train_step`` or ``make_module_train_step``.
         **options: for ``torch.compile`` (``fullgraph=True``, ``mode=...``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> loss_fn = lambda p, batch: ((batch @ p["w"]) ** 2).mean()

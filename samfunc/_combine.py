@@ -1,6 +1,6 @@
 """Combinators: ``chain`` transforms in sequence, apply one to ``masked`` leaves.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> opt = samfunc.chain(samfunc.clip_by_global_norm(1.0), samfunc.sgd(0.1))
@@ -26,7 +26,7 @@ __all__ = ["chain", "masked", "MaskedState", "apply_if_finite", "ApplyIfFiniteSt
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Applies ``transforms`` one after the other; the state is a tuple of theirs.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> opt = samfunc.chain(samfunc.trace(0.9), samfunc.scale_by_learning_rate(0.1))
     """
@@ -82,7 +82,7 @@ def masked(
             are, as optax's ``masked``) or ``"zero"`` (zeros: an ascent that
             must not move them, as SAM's ``mask``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> no_bias = lambda path, leaf: not path.endswith("bias")
@@ -151,7 +151,7 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     happened. Wrap the optimizer of a hand-written step with it; the train
     steps skip with ``nonfinite="skip"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> opt = samfunc.apply_if_finite(samfunc.sgd(0.1))

@@ -18,7 +18,7 @@ the leaves of one dtype and device into one flat buffer and all-reduce it
 with ``torch.distributed._functional_collectives``, so a compiled step keeps
 ``fullgraph=True``.
 
-Example:
+Examples:
     >>> import samfunc
     >>> samfunc.data_parallel("global")
     DataParallel(mode='global', group=None)
@@ -83,7 +83,7 @@ def data_parallel(mode: Mode = "local", group: Optional[Any] = None) -> DataPara
     Returns:
         A ``DataParallel`` to pass as ``data_parallel=``.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> samfunc.data_parallel().mode
         'local'

@@ -12,7 +12,7 @@ The first two are two-pass methods with a step policy (``samfunc.StepPolicy``),
 so their step kinds are chosen in Python; ``samfunc.with_policy`` gives any
 two-pass method such a schedule (SAM every n steps, late-phase SAM).
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> loss_fn = lambda p, batch: ((batch @ p["w"]) ** 2).mean()
@@ -92,7 +92,7 @@ def orthogonal_reuse(alpha: float, *, eps: float = NORM_EPS) -> Combiner:
     ``g_v = g_s - (<g, g_s> / max(||g||^2, eps)) g`` (and its norm); on a
     cheap step the gradient is ``g + alpha (||g|| / (||g_v|| + eps)) g_v``.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> method = samfunc.sharpness_aware(
         ...     samfunc.sam_ascent(0.1),
@@ -141,7 +141,7 @@ def looksam(
         alpha: how much of ``g_v`` the cheap steps add back.
         **options: ``samfunc.PerturbationOptions`` of the full steps' ascent.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> method = samfunc.looksam(rho=0.1, k=5, alpha=0.7)
     """
@@ -173,7 +173,7 @@ def ae_sam(
         delta: the moving averages' coefficient.
         **options: ``samfunc.PerturbationOptions`` of the full steps' ascent.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> method = samfunc.ae_sam(rho=0.05, c=samfunc.linear_schedule(1.0, -1.0, 1000))
     """
@@ -283,7 +283,7 @@ def momentum_sam(
         eps: added to ``||v||`` (the official 1e-12); the first step, with
             ``v = 0``, takes the gradient at ``w``.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> method = samfunc.momentum_sam(rho=3.0, momentum=0.9)
         >>> opt = samfunc.sgd(0.1, momentum=0.9)
@@ -433,7 +433,7 @@ def mesa(
         outputs: picks the model's outputs out of ``loss_fn``'s aux; default:
             the aux itself, or its ``.output``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> model = torch.nn.Linear(4, 3)

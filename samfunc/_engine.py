@@ -13,7 +13,7 @@ accumulation (``accum_steps``), replayed random draws (``reuse_rng``) and the
 non-finite check (``nonfinite="raise"``). ``samfunc.sharpness_aware`` turns an
 ascent and a combiner into a ``Method`` whose ``grad`` is a ``MethodGrad``.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> method = samfunc.sam(rho=0.05)

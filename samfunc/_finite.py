@@ -13,7 +13,7 @@ the train steps and the ``SAM`` class:
 * ``"propagate"``: return the gradient as it is (``sam_grad``'s default; the
   caller decides, e.g. with ``apply_if_finite``).
 
-Example:
+Examples:
     >>> check_policy("nonfinite", "skip", ("raise", "skip", "propagate"))
     'skip'
 """
@@ -46,7 +46,7 @@ class NonFiniteGradientError(FloatingPointError):
 def check_policy(name: str, value: Any, allowed: tuple[str, ...]) -> NonFinitePolicy:
     """Returns ``value`` if it is one of ``allowed``, else raises naming ``name``.
 
-    Example:
+    Examples:
         >>> check_policy("nonfinite", "skip", ("raise", "skip"))
         'skip'
     """

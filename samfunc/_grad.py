@@ -9,7 +9,7 @@ that itself requires grad) the same gradient comes from
 ``vmap``/``grad``, or for parameters that are part of an outer graph,
 ``torch.func.grad_and_value`` runs, so samfunc composes as before.
 
-Example:
+Examples:
     >>> import torch
     >>> grad_fn = grad_and_value(lambda p, b: (p["w"] * b).sum())
     >>> grads, loss = grad_fn({"w": torch.ones(2)}, torch.tensor([1.0, 2.0]))

@@ -27,7 +27,7 @@ __all__ = ["counted_as_step", "wrapped_optimizer"]
 def wrapped_optimizer(optimizer: Any) -> Any:
     """The optimizer a ``LightningOptimizer``-style wrapper holds, or ``None``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         >>> wrapped_optimizer(opt) is None
@@ -45,7 +45,7 @@ def counted_as_step(wrapper: Any) -> Iterator[None]:
     they do nothing. As in Lightning, the second one is not called if the body raises.
     A wrapper without them (not Lightning's) runs the body alone.
 
-    Example:
+    Examples:
         >>> class Wrapper:
         ...     def __init__(self):
         ...         self.steps = 0

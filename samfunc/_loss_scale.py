@@ -10,7 +10,7 @@ dynamic rule is GradScaler's: a step whose gradients hold an ``inf`` or a
 ``.item()``, no Python branch on a value), so a step that uses them compiles
 with ``torch.compile(fullgraph=True)`` and never synchronizes with the device.
 
-Example:
+Examples:
     >>> import torch
     >>> loss_scale = dynamic_loss_scale(init_scale=1024.0, growth_interval=2)
     >>> state = loss_scale.init()
@@ -123,7 +123,7 @@ def dynamic_loss_scale(
     Returns:
         A ``DynamicLossScale(init, update)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss_scale = dynamic_loss_scale(init_scale=8.0, growth_interval=1)
         >>> state = loss_scale.update(loss_scale.init(), torch.tensor(True))
@@ -188,7 +188,7 @@ def scale_loss(loss: torch.Tensor, state: LossScaleState) -> torch.Tensor:
     0-d float16 or bfloat16 loss, where GradScaler returns float32, the cast
     is the difference.
 
-    Example:
+    Examples:
         >>> import torch
         >>> state = dynamic_loss_scale(init_scale=4.0).init()
         >>> scale_loss(torch.tensor(1.5), state)
@@ -218,7 +218,7 @@ def unscale_grads(grads: PyTree, state: LossScaleState) -> tuple[PyTree, torch.T
         optimizer step when it is False (with ``torch.where`` to stay
         compile-safe).
 
-    Example:
+    Examples:
         >>> import torch
         >>> state = dynamic_loss_scale(init_scale=4.0).init()
         >>> unscale_grads({"w": torch.tensor([4.0, float("inf")])}, state)

@@ -8,7 +8,7 @@ Every method here is a ``Method(init, grad)``::
 ``sharpness_aware(ascent, combiner)`` builds one from pieces, so a variant of
 one's own is a transform (and, if it mixes the two gradients, a combiner).
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> loss_fn = lambda p, batch: ((batch @ p["w"]) ** 2).mean()
@@ -114,7 +114,7 @@ def sharpness_aware(
             ``sharp_steps``). None: every step is full.
         name: for error messages.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> ascent = samfunc.chain(samfunc.normalize("inf"), samfunc.scale_by_radius(0.01))
@@ -153,7 +153,7 @@ def with_policy(method: Method, policy: StepPolicy) -> Method:
             ``samfunc.from_step(start)`` (late-phase SAM) or
             ``samfunc.sharp_steps(c)`` (AE-SAM's).
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> method = samfunc.with_policy(samfunc.sam(0.05), samfunc.from_step(1000))
     """
@@ -189,7 +189,7 @@ def sam(rho: Rho = 0.05, **options: Unpack[PerturbationOptions]) -> Method:
         **options: ``adaptive``, ``eta``, ``norm``, ``mask``
             (``samfunc.PerturbationOptions``).
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> method = samfunc.sam(rho=0.05, adaptive=True, eta=0.01)
     """
@@ -233,7 +233,7 @@ def gsam(rho: Rho = 0.05, alpha: float = 0.4, **options: Unpack[PerturbationOpti
     0.4 sits in the paper's range (its ViT configuration uses 0.6).
     ``alpha = 0`` with a constant rho is SAM.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> lr = samfunc.cosine_decay_schedule(0.1, 1000)
         >>> rho = samfunc.rho_from_learning_rate(
@@ -255,7 +255,7 @@ def rho_from_learning_rate(
     ``lr_t`` is ``learning_rate`` at the same step count, so the ascent's rho
     moves with the optimizer's learning rate when both count the same steps.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> lr = samfunc.linear_schedule(0.1, 0.0, 10)
@@ -298,7 +298,7 @@ def friendly_sam(
     code: nblt/F-SAM (``utils.py``, ``FriendlySAM``), whose defaults these are.
     ``sigma = 0`` is SAM.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> method = samfunc.friendly_sam(rho=0.05, sigma=1.0, lmbda=0.9)
     """
@@ -316,7 +316,7 @@ def vasso(rho: Rho = 0.05, theta: float = 0.9, **options: Unpack[PerturbationOpt
     The authors use 1e-7 in the norm's denominator; samfunc keeps SAM's 1e-12
     for every method. ``theta = 1`` is SAM.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> method = samfunc.vasso(rho=0.05, theta=0.9)
     """
@@ -351,7 +351,7 @@ def wsam(rho: Rho = 0.05, gamma: float = 0.9, **options: Unpack[PerturbationOpti
     or weight decay on that term), which needs the learning rate inside the
     method; it is not provided.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> method = samfunc.wsam(rho=0.05, gamma=0.9)
     """
@@ -390,7 +390,7 @@ def esam(
     k-th (``k - 1`` or fewer), this keeps the top ``k``; it uses 1e-12 in the
     norm as SAM does, where they use 1e-7.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> method = samfunc.esam(rho=0.05, beta=0.6, gamma=0.5, seed=0)
     """
@@ -425,7 +425,7 @@ def normalization_mask(module: torch.nn.Module) -> Callable[[str, torch.Tensor],
     authors' code (mueller-mp/SAM-ON) selects by name instead (``"norm"`` or
     ``"bn"`` in the name), and uses larger radii than SAM (``rho=0.5`` by default).
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))

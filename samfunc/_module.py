@@ -6,7 +6,7 @@ loss function as an input and an output, never mutated in place. In a SAM step
 the new buffers come from the first, unperturbed pass only, as in the seed's
 training advice and the official JAX code.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> model = torch.nn.Sequential(
@@ -108,7 +108,7 @@ def module_loss(
             gradient functions detach aux anyway; a method that builds its
             loss from the outputs (``samfunc.mesa``) needs them attached.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Linear(3, 2)
         >>> loss_fn = module_loss(model, torch.nn.functional.cross_entropy)
@@ -149,7 +149,7 @@ def mean_over_parts(buffers: Tensors) -> Tensors:
     variance to within the spread of the part means); integer buffers such as
     ``num_batches_tracked`` are the same in every part and the first is kept.
 
-    Example:
+    Examples:
         >>> import torch
         >>> mean_over_parts({"m": torch.tensor([[1.0], [3.0]]), "n": torch.tensor([4, 4])})
         {'m': tensor([2.]), 'n': tensor(4)}
@@ -224,7 +224,7 @@ def enable_running_stats(model: torch.nn.Module) -> None:
 def frozen_running_stats(model: torch.nn.Module) -> Iterator[None]:
     """A context in which BatchNorm running statistics stay as they are.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.BatchNorm1d(3)
         >>> with frozen_running_stats(model):

@@ -7,7 +7,7 @@ time the rest of the step runs, so a compiled step is two graphs (three for
 a policy that reads the gradient), chosen in Python: see
 ``samfunc.compile_step``.
 
-Example:
+Examples:
     >>> import samfunc
     >>> method = samfunc.with_policy(samfunc.sam(0.05), samfunc.every_n_steps(5))
     >>> [samfunc.every_n_steps(5).plan(step) for step in range(6)]
@@ -65,7 +65,7 @@ def every_n_steps(n: int, offset: int = 0) -> StepPolicy:
     SAM ``interval`` runs SAM on the last step of each interval, which is
     ``offset=n - 1``. ``n=1`` is every step.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> policy = samfunc.every_n_steps(3)
         >>> [policy.plan(step) for step in range(4)]
@@ -88,7 +88,7 @@ def from_step(start: int) -> StepPolicy:
     training reaches minima as flat as SAM throughout: with ``T`` steps in all,
     ``from_step(int(0.8 * T))`` runs SAM over the last fifth only.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> [samfunc.from_step(2).plan(step) for step in range(4)]
         [False, False, True, True]
@@ -143,7 +143,7 @@ def sharp_steps(c: Union[float, Schedule] = 0.0, delta: float = 0.9) -> StepPoli
             Smaller ``c``, more full steps (``c = 0``: about half of them).
         delta: the moving averages' coefficient.
 
-    Example:
+    Examples:
         >>> import samfunc
         >>> policy = samfunc.sharp_steps(c=0.0, delta=0.9)
     """
@@ -182,7 +182,7 @@ def policy_counters(method_state: Any) -> Optional[PolicyState]:
 def full_step_fraction(method_state: Any) -> float:
     """The fraction of the steps so far that were full (1.0 for a method without a policy).
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> method = samfunc.looksam(rho=0.1, k=4)

@@ -11,7 +11,7 @@ Two needs, one module:
   function of its inputs, a counter-based hash computed with integer tensor ops
   (no ``torch.Generator``, which ``torch.compile`` cannot carry in a state).
 
-Example:
+Examples:
     >>> import torch
     >>> u = uniform(torch.tensor(0), torch.tensor(3), 4)
     >>> bool(((u >= 0) & (u < 1)).all())
@@ -92,7 +92,7 @@ def uniform(key: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
         step: an integer 0-d tensor (a counter in the caller's state).
         n: how many draws.
 
-    Example:
+    Examples:
         >>> import torch
         >>> uniform(torch.tensor(7), torch.tensor(0), 2).shape
         torch.Size([2])

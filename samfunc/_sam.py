@@ -15,7 +15,7 @@ These are the stateless shortcuts to ``samfunc.sam()``: ``sam_grad`` runs its
 (``samfunc.sam_ascent``), the one place in samfunc where SAM's ``e`` is
 computed; the train steps and the ``SAM`` class go through the same pieces.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> def loss_fn(params, batch):
@@ -88,7 +88,7 @@ def perturbation(
         ``e``. For ``norm="l2"``, ``||e / T||_2 = rho`` unless ``g`` is zero, in
         which case ``e`` is zero.
 
-    Example:
+    Examples:
         >>> import torch
         >>> e = perturbation({"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([3.0, 4.0])}, 0.5)
         >>> e["w"]
@@ -108,7 +108,7 @@ def perturbed_params(
     Leaves that ``mask`` leaves out come back as they are (the same tensor
     objects); the others are new tensors.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = {"w": torch.tensor([3.0, 4.0])}
         >>> perturbed_params(w, w, 5.0)["w"]
@@ -154,7 +154,7 @@ def sam_grad_and_value(
     Its optional ``rho`` overrides the built-in radius for one call, e.g. with
     a 0-d tensor from a rho schedule. See ``sam_grad`` for the arguments.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss_fn = lambda p, batch: (p["w"] * batch).pow(2).sum()
         >>> sam_fn = sam_grad_and_value(loss_fn, rho=0.1)
@@ -257,7 +257,7 @@ def sam_grad(
             that is not a bool.
         NonFiniteGradientError: with ``nonfinite="raise"``, for a NaN or inf gradient.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> loss_fn = lambda p, batch: ((batch @ p["w"]) ** 2).mean()

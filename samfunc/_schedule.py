@@ -5,7 +5,7 @@ state) and returns a float32 0-d tensor computed with tensor ops only, so a
 changing count neither breaks a ``torch.compile`` graph nor recompiles it.
 Python ints are accepted too, for convenience.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> sched = samfunc.cosine_decay_schedule(0.1, decay_steps=100)
@@ -52,7 +52,7 @@ def _with_range(schedule: Schedule, low: float, high: float) -> Schedule:
 def schedule_range(schedule: Schedule) -> tuple[float, float] | None:
     """``(lowest, highest)`` value of one of samfunc's schedules; None for other callables.
 
-    Example:
+    Examples:
         >>> schedule_range(linear_schedule(0.1, -0.1, transition_steps=10))
         (-0.1, 0.1)
     """
@@ -67,7 +67,7 @@ def check_schedule_nonnegative(name: str, schedule: Schedule) -> Schedule:
     as it is (a negative or non-finite rho from it is caught at run time by
     the step's non-finite policy).
 
-    Example:
+    Examples:
         >>> check_schedule_nonnegative("rho", linear_schedule(0.1, -0.1, 10))
         Traceback (most recent call last):
         ...
@@ -84,7 +84,7 @@ def check_schedule_nonnegative(name: str, schedule: Schedule) -> Schedule:
 def constant_schedule(value: float) -> Schedule:
     """Returns ``value`` at every step.
 
-    Example:
+    Examples:
         >>> float(constant_schedule(0.5)(7))
         0.5
     """
@@ -104,7 +104,7 @@ def linear_schedule(
     The value is ``init_value`` before ``transition_begin`` and ``end_value``
     from ``transition_begin + transition_steps`` on.
 
-    Example:
+    Examples:
         >>> float(linear_schedule(0.0, 1.0, transition_steps=4)(1))
         0.25
     """
@@ -130,7 +130,7 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
     ``T_max=decay_steps`` and ``eta_min=alpha * init_value`` for steps up to
     ``decay_steps``; it stays at the final value after that.
 
-    Example:
+    Examples:
         >>> round(float(cosine_decay_schedule(1.0, 10, alpha=0.1)(10)), 6)
         0.1
     """
@@ -152,7 +152,7 @@ def _cosine_between(start: float, end: float, steps: int) -> Schedule:
 def step_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
     """Multiplies by ``gamma`` every ``step_size`` steps (``StepLR``).
 
-    Example:
+    Examples:
         >>> round(float(step_schedule(1.0, step_size=10, gamma=0.5)(25)), 6)
         0.25
     """
@@ -193,7 +193,7 @@ def multistep_schedule(
 ) -> Schedule:
     """Multiplies by ``gamma`` at each milestone step (``MultiStepLR``).
 
-    Example:
+    Examples:
         >>> round(float(multistep_schedule(1.0, [2, 5], gamma=0.1)(5)), 6)
         0.01
     """
@@ -218,7 +218,7 @@ def multistep_schedule(
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """Runs ``schedules[i + 1]`` from step ``boundaries[i]`` on, restarting its count.
 
-    Example:
+    Examples:
         >>> warm = linear_schedule(0.0, 1.0, transition_steps=10)
         >>> flat = constant_schedule(1.0)
         >>> float(join_schedules([warm, flat], [10])(15))
@@ -259,7 +259,7 @@ def warmup_cosine_decay_schedule(
 
     ``decay_steps`` counts the whole schedule, warmup included (as in optax).
 
-    Example:
+    Examples:
         >>> sched = warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=10, decay_steps=110)
         >>> float(sched(10))
         1.0

@@ -5,7 +5,7 @@ samfunc's states are NamedTuples of tensors; importing samfunc adds them to
 the allow-list (``torch.serialization.add_safe_globals``), so a checkpoint of
 a ``TrainState`` or an optimizer state loads without ``weights_only=False``.
 
-Example:
+Examples:
     >>> import io, torch, samfunc
     >>> state = samfunc.sgd(0.1, momentum=0.9).init({"w": torch.zeros(2)})
     >>> buffer = io.BytesIO()

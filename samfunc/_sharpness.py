@@ -7,7 +7,7 @@ for one that returns ``(loss, aux)``, such as ``module_loss``), and use
 measure in eval mode (``model.eval()``) so the loss is a function of the
 weights alone.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> a = torch.diag(torch.tensor([3.0, 1.0]))
@@ -90,7 +90,7 @@ def hessian_vector_product(
     Forward-over-reverse: ``jvp`` of ``grad``, one forward and one backward pass
     with dual numbers; the Hessian is never formed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> hvp = hessian_vector_product(
         ...     lambda p, b: (p ** 3).sum(), torch.tensor([1.0, 2.0]), None, torch.ones(2)
@@ -161,7 +161,7 @@ def worst_case_loss(
     chunk of the batch gets its own ``e`` and the results are averaged: the
     paper's m-sharpness with ``m = batch size / num_chunks``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss_fn = lambda p, b: 0.5 * (p ** 2).sum()
         >>> result = worst_case_loss(loss_fn, torch.tensor([3.0, 4.0]), None, rho=1.0)
@@ -232,7 +232,7 @@ def top_hessian_eigenvalue(
         ``(eigenvalue, eigenvector)``: a float64 0-d tensor and a unit-norm
         tree like ``params``; the pair whose residual was measured last.
 
-    Example:
+    Examples:
         >>> import torch
         >>> a = torch.diag(torch.tensor([-3.0, 4.0], dtype=torch.float64))
         >>> loss_fn = lambda p, batch: 0.5 * p @ batch @ p

@@ -170,7 +170,7 @@ class SAM(torch.optim.Optimizer):
             this one, so ``torch.optim.lr_scheduler`` works on either.
         skipped_steps: how many steps were skipped for a non-finite gradient.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> model = torch.nn.Linear(3, 1)

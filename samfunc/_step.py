@@ -7,7 +7,7 @@ from step to step (the step count, the learning rate from a schedule, rho from
 a schedule) is a tensor in ``state``, so a compiled step neither breaks its
 graph nor recompiles as training goes on.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> model = torch.nn.Linear(4, 3)
@@ -176,7 +176,7 @@ def init_train_state(
     step scales the loss, and its ``method``, so the state carries their
     states from the start.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> state = samfunc.init_train_state({"w": torch.zeros(3)}, samfunc.sgd(0.1))
@@ -497,7 +497,7 @@ def make_train_step(
         kind of each step in Python and runs one of two pure steps (one graph
         each once compiled).
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> loss_fn = lambda p, batch: ((batch @ p["w"]) ** 2).mean()
@@ -557,7 +557,7 @@ def make_module_train_step(
     BatchNorm in training mode needs ``vectorize_chunks=False`` with
     ``num_chunks > 1``. The other arguments are those of ``make_train_step``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import samfunc
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))

@@ -4,7 +4,7 @@ Each function checks its hyperparameters once and returns a
 ``GradientTransformation``. Arithmetic runs on all leaves at once with
 ``torch._foreach_*`` ops; nothing is modified in place.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> clip = samfunc.clip_by_global_norm(1.0)
@@ -120,7 +120,7 @@ def identity() -> GradientTransformation:
 def scale(step_size: float) -> GradientTransformation:
     """Multiplies updates by a fixed ``step_size``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = scale(-2.0)
         >>> t.update([torch.ones(1)], t.init(None))[0]
@@ -165,7 +165,7 @@ def scale_by_learning_rate(
 ) -> GradientTransformation:
     """Multiplies updates by ``-learning_rate`` (a float or a schedule of the count).
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = scale_by_learning_rate(0.1)
         >>> t.update([torch.ones(1)], t.init([torch.ones(1)]))[0]
@@ -186,7 +186,7 @@ def trace(
     ``buf = g`` on the first step and ``buf = decay * buf + (1 - dampening) * g``
     after; the update is ``buf``, or ``g + decay * buf`` with ``nesterov``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = trace(0.9)
         >>> state = t.init([torch.zeros(1)])
@@ -324,7 +324,7 @@ def decoupled_weight_decay(
     ``params * factor - params`` is exact, and ``apply_updates`` then lands on
     the same numbers as PyTorch's ``param.mul_(1 - lr * weight_decay)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = decoupled_weight_decay(0.1, weight_decay=0.5)
         >>> params = [torch.ones(1)]

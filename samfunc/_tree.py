@@ -5,7 +5,7 @@ dicts, lists, tuples and NamedTuples nesting tensors. The arithmetic helpers
 work on the flat list of leaves with ``torch._foreach_*`` ops, so one call
 handles every leaf at once instead of a Python loop of small kernels.
 
-Example:
+Examples:
     >>> import torch
     >>> from samfunc import _tree
     >>> tree = {"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}
@@ -78,7 +78,7 @@ def unflatten(leaves_: Sequence[Any], spec: pytree.TreeSpec) -> PyTree:
 def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """Maps ``fn`` over the leaves of ``tree`` and of trees with its structure.
 
-    Example:
+    Examples:
         >>> import torch
         >>> tree_map(torch.add, [torch.ones(1)], [torch.ones(1)])
         [tensor([2.])]
@@ -150,7 +150,7 @@ def check_same_structure(
 ) -> None:
     """Raises ``ValueError`` naming the first key path where the trees differ.
 
-    Example:
+    Examples:
         >>> import torch
         >>> check_same_structure({"a": torch.ones(1)}, {"a": torch.ones(1)}, "params", "grads")
     """
@@ -170,7 +170,7 @@ def check_same_shapes(
     Python-side only (shapes are static under ``torch.compile``), so a compiled
     graph runs it once, when it is traced.
 
-    Example:
+    Examples:
         >>> import torch
         >>> check_same_shapes({"b": torch.ones(2)}, {"b": torch.ones(3)}, "params", "updates")
         Traceback (most recent call last):
@@ -219,7 +219,7 @@ def find_leaf(tree: PyTree, predicate: Callable[[Any], bool]) -> tuple[str, Any]
     Key paths are computed only when a leaf is found (checks on the hot path
     cost one pass over the leaves).
 
-    Example:
+    Examples:
         >>> import torch
         >>> find_leaf({"a": torch.ones(1), "b": torch.ones(2)}, lambda t: t.numel() == 2)
         ('b', tensor([1., 1.]))
@@ -251,7 +251,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     a leaf is float64), and leaves on several devices are reduced on the
     device of the first leaf.
 
-    Example:
+    Examples:
         >>> import torch
         >>> float(global_norm([torch.tensor([3.0]), torch.tensor([4.0])]))
         5.0
@@ -273,7 +273,7 @@ def vdot(a: PyTree, b: PyTree, dtype: torch.dtype | None = None) -> torch.Tensor
     Accumulated in ``dtype``: by default float32, or float64 when a leaf of
     ``a`` is float64 (as ``global_norm``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> float(vdot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])]))
         11.0
@@ -317,7 +317,7 @@ def all_finite(tree: PyTree) -> torch.Tensor:
     of any size count as finite (no norm to overflow). Empty leaves count as
     finite. Where a sync is fine, ``norm_is_finite`` first is cheaper.
 
-    Example:
+    Examples:
         >>> import torch
         >>> bool(all_finite({"w": torch.tensor([1.0, -float("inf")])}))
         False
@@ -357,7 +357,7 @@ def where(condition: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:
     keep or drop a whole update. Non-tensor leaves come from ``new``. Eager on
     the CPU, where reading the flag is free, it returns ``new`` or ``old`` whole.
 
-    Example:
+    Examples:
         >>> import torch
         >>> where(torch.tensor(False), {"w": torch.ones(1)}, {"w": torch.zeros(1)})
         {'w': tensor([0.])}
@@ -459,7 +459,7 @@ def resolve_mask(mask: Mask, tree: PyTree, name: str = "mask") -> list[bool]:
         tree: the tree the mask selects from.
         name: the argument's name, for error messages.
 
-    Example:
+    Examples:
         >>> import torch
         >>> resolve_mask(lambda path, leaf: path != "b", {"w": torch.ones(1), "b": torch.ones(1)})
         [True, False]

@@ -1,6 +1,6 @@
 """Applying updates to parameters, out of place.
 
-Example:
+Examples:
     >>> import torch
     >>> import samfunc
     >>> samfunc.apply_updates({"w": torch.ones(2)}, {"w": torch.full((2,), -0.5)})

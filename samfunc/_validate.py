@@ -35,7 +35,7 @@ def _shown(value: Any) -> str:
 def check_bool(name: str, value: Any) -> bool:
     """Returns ``value`` if it is a bool; a truthy string such as ``"False"`` is an error.
 
-    Example:
+    Examples:
         >>> check_bool("adaptive", True)
         True
     """
@@ -83,7 +83,7 @@ def check_in_interval(name: str, value: Any, low: float, high: float) -> float:
 def check_fraction(name: str, value: Any) -> float:
     """Checks ``0 < value <= 1`` (a probability or a share of something).
 
-    Example:
+    Examples:
         >>> check_fraction("beta", 0.5)
         0.5
     """
@@ -112,7 +112,7 @@ def check_rho(value: Any, name: str = "rho") -> float | torch.Tensor:
     gradient becomes NaN and the non-finite policy (``nonfinite=``) catches it,
     rather than a negative radius silently descending.
 
-    Example:
+    Examples:
         >>> check_rho(0.05)
         0.05
     """
@@ -132,7 +132,7 @@ def check_rho(value: Any, name: str = "rho") -> float | torch.Tensor:
 def guard_radius(value: torch.Tensor) -> torch.Tensor:
     """``value`` where it is finite and >= 0, NaN elsewhere; no device sync.
 
-    Example:
+    Examples:
         >>> guard_radius(torch.tensor(-0.5))
         tensor(nan)
     """

@@ -1,6 +1,6 @@
 """Example networks: the seed's Wide-ResNet, for 32x32 images.
 
-Example:
+Examples:
     >>> import torch
     >>> from samfunc.models import WideResNet
     >>> model = WideResNet(depth=16, width_factor=2, num_classes=10)
