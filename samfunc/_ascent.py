@@ -9,8 +9,10 @@ and ASAM's (Kwon et al., 2021) rescales by ``T = |w| + eta`` before and after
 the norm: ``e = rho * T^2 g / ||T g||``. Directions with memory are pieces
 with state: Friendly-SAM's ``subtract_momentum`` and VaSSO's
 ``average_gradients``; ESAM's ``random_leaf_subset`` perturbs a random subset
-of the leaves. Any transform can be an ascent (as ``adv_optimizer`` in
-``optax.contrib.sam``): pass it to ``samfunc.sharpness_aware``.
+of the leaves. Any transform that returns ``+e`` can be an ascent: pass it to
+``samfunc.sharpness_aware``. Unlike ``adv_optimizer`` in ``optax.contrib.sam``,
+its output is not negated, so end the chain in ``scale_by_radius(rho)``, not in
+an optimizer such as ``sgd(rho)`` (which would descend).
 
 Examples:
     >>> import torch
@@ -77,7 +79,8 @@ __all__ = [
     "mask_flags",
 ]
 
-#: Added to the gradient norm before dividing, as in the paper's code.
+#: Added to the gradient norm before dividing, as in the seed (davda54/sam); the authors' JAX
+#: code and ``optax.contrib.normalize`` add none (``normalize(eps=0.0)``).
 NORM_EPS = 1e-12
 
 NORMS: tuple[Norm, ...] = ("l2", "none", "inf")
@@ -133,7 +136,8 @@ def normalize(ord: Norm = "l2", *, eps: float = NORM_EPS) -> GradientTransformat
         ord: ``"l2"``: ``u / (||u||_2 + 1e-12)``, one global L2 norm (a zero
             ``u`` stays zero); ``"inf"``: ``sign(u)``, the steepest ascent for
             an L-infinity ball; ``"none"``: ``u`` unchanged (unnormalized SAM).
-        eps: added to the L2 norm before dividing (1e-12, the SAM authors').
+        eps: added to the L2 norm before dividing (1e-12, the seed's; 0 for the
+            authors' JAX code and optax).
 
     Examples:
         >>> import torch
