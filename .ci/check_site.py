@@ -537,46 +537,51 @@ def check_home(
     page.close()
 
 
-def check_notebook(context: Any, base: str, deadline: Deadline, report: Report) -> None:
-    """Checks that the notebook page shows a figure.
+def check_page(
+    context: Any,
+    base: str,
+    path: str,
+    label: str,
+    checks: dict[str, Callable[[Any], str]],
+    deadline: Deadline,
+    report: Report,
+) -> None:
+    """Opens one page, runs ``checks`` on it, then checks it raised no JavaScript error.
 
     Args:
         context: The Playwright browser context.
         base: The served site's URL.
+        path: The page's path on the site.
+        label: The page's name in the report ("notebook", "reference").
+        checks: Each check's name and a function of the page that returns what passed.
         deadline: The session's time budget.
         report: Collects the outcomes.
     """
-    opened = open_page(context, base, NOTEBOOK_PATH, deadline, report)
+    opened = open_page(context, base, path, deadline, report)
     if opened is None:
-        for name in ("figure", "JavaScript"):
-            report.skip(f"notebook {name}", f"{NOTEBOOK_PATH} did not load")
+        for name in (*checks, "JavaScript"):
+            report.skip(f"{label} {name}", f"{path} did not load")
         return
     page, errors = opened
-    report.check(
-        "notebook figure",
-        lambda: require_loaded_image(page_images(page, deadline), "figure"),
-    )
-    report.check("notebook JavaScript", lambda: check_no_errors(page, errors))
+    for name, check in checks.items():
+        report.check(f"{label} {name}", functools.partial(check, page))
+    report.check(f"{label} JavaScript", lambda: check_no_errors(page, errors))
     page.close()
 
 
+def check_notebook(context: Any, base: str, deadline: Deadline, report: Report) -> None:
+    """Checks that the notebook page shows a figure (see ``check_page`` for the arguments)."""
+
+    def figure(page: Any) -> str:
+        return require_loaded_image(page_images(page, deadline), "figure")
+
+    check_page(context, base, NOTEBOOK_PATH, "notebook", {"figure": figure}, deadline, report)
+
+
 def check_reference(context: Any, base: str, deadline: Deadline, report: Report) -> None:
-    """Checks that the reference page has mkdocstrings' heading for ``REFERENCE_NAME``.
+    """Checks the reference page's heading for ``REFERENCE_NAME`` (arguments: ``check_page``)."""
 
-    Args:
-        context: The Playwright browser context.
-        base: The served site's URL.
-        deadline: The session's time budget.
-        report: Collects the outcomes.
-    """
-    opened = open_page(context, base, REFERENCE_PATH, deadline, report)
-    if opened is None:
-        for name in ("heading", "JavaScript"):
-            report.skip(f"reference {name}", f"{REFERENCE_PATH} did not load")
-        return
-    page, errors = opened
-
-    def heading() -> str:
+    def heading(page: Any) -> str:
         name = re.compile(rf"(?<!\w){re.escape(REFERENCE_NAME)}(?!\w)")
         headings = page.locator(REFERENCE_HEADINGS).filter(has_text=name)
         try:
@@ -588,9 +593,7 @@ def check_reference(context: Any, base: str, deadline: Deadline, report: Report)
         text = clean(first.inner_text())
         return f"<{tag}> {text!r} ({headings.count()} heading(s) hold {REFERENCE_NAME!r})"
 
-    report.check("reference heading", heading)
-    report.check("reference JavaScript", lambda: check_no_errors(page, errors))
-    page.close()
+    check_page(context, base, REFERENCE_PATH, "reference", {"heading": heading}, deadline, report)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

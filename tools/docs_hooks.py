@@ -51,20 +51,35 @@ def on_config(config: Any) -> Any:
     return config
 
 
+CODE_SPAN = re.compile(r"(`+).+?\1")
+
+
 def _summary(obj: Any) -> str:
-    """The first line of an object's docstring, with table-breaking pipes escaped."""
+    """The first line of an object's docstring, its pipes outside code spans escaped for a table."""
     import inspect
 
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0].replace("|", "\\|") if doc.strip() else ""
+    doc = (inspect.getdoc(obj) or "").strip()
+    line = doc.splitlines()[0] if doc else ""
+    parts, last = [], 0
+    for span in CODE_SPAN.finditer(line):
+        parts += [line[last : span.start()].replace("|", "\\|"), span.group()]
+        last = span.end()
+    return "".join([*parts, line[last:].replace("|", "\\|")])
 
 
-def public_names_table(reference_dir: Path) -> str:
-    """A Markdown table of every reference entry: a link to it, and its docstring's first line."""
+def public_names_table(reference_dir: Path, page_order: list[str] | None = None) -> str:
+    """A Markdown table of every reference entry: a link to it, and its docstring's first line.
+
+    Entries come page by page, in ``page_order`` (file names; the navigation's order), then in the
+    order each page lists them.
+    """
     import importlib
 
+    entries = reference_entries(reference_dir)
+    order = {name: index for index, name in enumerate(page_order or [])}
+    by_page = sorted(entries.items(), key=lambda item: order.get(item[1].name, len(order)))
     rows = ["| name | what it is | page |", "|---|---|---|"]
-    for name, page in reference_entries(reference_dir).items():
+    for name, page in by_page:
         module_name, _, attribute = name.rpartition(".")
         obj = getattr(importlib.import_module(module_name), attribute)
         short = name.removeprefix("samfunc.")
@@ -77,5 +92,18 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     """Fills the reference index's ``<!-- public-names -->`` marker with the table of names."""
     if page.file.src_uri != "reference/index.md":
         return markdown
-    table = public_names_table(Path(config["docs_dir"]) / "reference")
+    table = public_names_table(Path(config["docs_dir"]) / "reference", _nav_order(config["nav"]))
     return markdown.replace("<!-- public-names -->", table)
+
+
+def _nav_order(nav: Any) -> list[str]:
+    """The file names of the reference pages, in the order the navigation lists them."""
+    found: list[str] = []
+    items = nav if isinstance(nav, list) else [nav]
+    for item in items:
+        if isinstance(item, dict):
+            for value in item.values():
+                found += _nav_order(value)
+        elif isinstance(item, str) and item.startswith("reference/"):
+            found.append(item.removeprefix("reference/"))
+    return found
