@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from tests.docs_snippets import ROOT, Page, pages_with_code
 from tests.multiprocess import free_port
@@ -106,10 +105,15 @@ def _torchrun(page: Page, words: list[str], tmp_path: Path) -> None:
     assert len({loss for _, loss in losses}) <= 1, f"ranks report different losses: {losses}"
 
 
+def _extras() -> set[str]:
+    """The extras that pyproject.toml defines (read as text: tomllib needs Python 3.11)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.optional-dependencies]\n", 1)[1].split("\n[", 1)[0]
+    return set(re.findall(r"^([\w-]+) = ", section, flags=re.M))
+
+
 def _pip_install(words: list[str]) -> None:
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"
-    ]
+    extras = _extras()
     pinned = re.search(r"pip install -q (torch==\S+)", (ROOT / ".ci/run").read_text())
     for word in words:
         if word in ("-e", "-q", "-U"):
