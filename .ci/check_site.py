@@ -477,21 +477,14 @@ def check_home(
         deadline: The session's time budget.
         report: Collects the outcomes.
     """
-    opened = open_page(context, base, HOME_PATH, deadline, report)
-    names = ("title", "tabs", "sidebar", "image", "JavaScript")
-    if opened is None:
-        for name in (*names, "screenshot"):
-            report.skip(f"home {name}", f"{HOME_PATH} did not load")
-        return
-    page, errors = opened
 
-    def title() -> str:
+    def title(page: Any) -> str:
         text = page.title()
         if EXPECTED_TITLE not in text:
             raise CheckFailed(f"title {text!r} does not contain {EXPECTED_TITLE!r}")
         return f"title {text!r} contains {EXPECTED_TITLE!r}"
 
-    def tabs() -> str:
+    def tabs(page: Any) -> str:
         nav = wait_visible(page.locator("nav.md-tabs"), "nav.md-tabs", deadline)
         links = nav.locator(".md-tabs__link")
         labels = [text.strip() for text in links.all_inner_texts()]
@@ -505,7 +498,7 @@ def check_home(
         box = nav.bounding_box() or {"width": 0, "height": 0}
         return f"nav.md-tabs visible ({box['width']:.0f}x{box['height']:.0f} px): {labels}"
 
-    def sidebar() -> str:
+    def sidebar(page: Any) -> str:
         selector = ".md-sidebar--primary nav.md-nav--primary"
         nav = wait_visible(page.locator(selector), selector, deadline)
         links = nav.locator("a.md-nav__link")
@@ -518,10 +511,10 @@ def check_home(
             f"{len(visible)} links shown of {links.count()}"
         )
 
-    def image() -> str:
+    def image(page: Any) -> str:
         return require_loaded_image(page_images(page, deadline), "image")
 
-    def save_screenshot() -> str:
+    def save_screenshot(page: Any) -> str:
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(
             path=str(screenshot), full_page=True, timeout=deadline.ms(SCREENSHOT_TIMEOUT_S)
@@ -529,12 +522,9 @@ def check_home(
         width, height = png_size(screenshot)
         return f"full page saved to {screenshot} ({width}x{height} px)"
 
-    for name, run in zip(
-        names, (title, tabs, sidebar, image, lambda: check_no_errors(page, errors))
-    ):
-        report.check(f"home {name}", run)
-    report.check("home screenshot", save_screenshot)  # also when a check failed: it shows why
-    page.close()
+    checks = {"title": title, "tabs": tabs, "sidebar": sidebar, "image": image}
+    last = {"screenshot": save_screenshot}  # also when a check failed: it shows why
+    check_page(context, base, HOME_PATH, "home", checks, deadline, report, last=last)
 
 
 def check_page(
@@ -545,27 +535,32 @@ def check_page(
     checks: dict[str, Callable[[Any], str]],
     deadline: Deadline,
     report: Report,
+    last: Optional[dict[str, Callable[[Any], str]]] = None,
 ) -> None:
-    """Opens one page, runs ``checks`` on it, then checks it raised no JavaScript error.
+    """Opens one page, runs ``checks``, checks it raised no JavaScript error, then runs ``last``.
 
     Args:
         context: The Playwright browser context.
         base: The served site's URL.
         path: The page's path on the site.
-        label: The page's name in the report ("notebook", "reference").
+        label: The page's name in the report ("home", "notebook", "reference").
         checks: Each check's name and a function of the page that returns what passed.
         deadline: The session's time budget.
         report: Collects the outcomes.
+        last: Checks like ``checks`` that run after the JavaScript check.
     """
+    last = last or {}
     opened = open_page(context, base, path, deadline, report)
     if opened is None:
-        for name in (*checks, "JavaScript"):
+        for name in (*checks, "JavaScript", *last):
             report.skip(f"{label} {name}", f"{path} did not load")
         return
     page, errors = opened
     for name, check in checks.items():
         report.check(f"{label} {name}", functools.partial(check, page))
     report.check(f"{label} JavaScript", lambda: check_no_errors(page, errors))
+    for name, check in last.items():
+        report.check(f"{label} {name}", functools.partial(check, page))
     page.close()
 
 
