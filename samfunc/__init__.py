@@ -16,6 +16,7 @@ from ._alias import adamw as adamw
 from ._alias import sgd as sgd
 from ._ascent import AverageGradientsState as AverageGradientsState
 from ._ascent import RandomLeafSubsetState as RandomLeafSubsetState
+from ._ascent import SamAscentState as SamAscentState
 from ._ascent import ScaleByRadiusState as ScaleByRadiusState
 from ._ascent import SubtractMomentumState as SubtractMomentumState
 from ._ascent import average_gradients as average_gradients
@@ -34,6 +35,7 @@ from ._base import MethodState as MethodState
 from ._base import PartsOptions as PartsOptions
 from ._base import PassOptions as PassOptions
 from ._base import PerturbationOptions as PerturbationOptions
+from ._base import Pieces as Pieces
 from ._base import SamOptions as SamOptions
 from ._base import Schedule as Schedule
 from ._base import StepPolicy as StepPolicy
@@ -49,15 +51,6 @@ from ._combine import masked as masked
 from ._distributed import DataParallel as DataParallel
 from ._distributed import all_mean as all_mean
 from ._distributed import data_parallel as data_parallel
-from ._efficient import LookSamState as LookSamState
-from ._efficient import MesaState as MesaState
-from ._efficient import MomentumSamState as MomentumSamState
-from ._efficient import ae_sam as ae_sam
-from ._efficient import distillation_kl as distillation_kl
-from ._efficient import looksam as looksam
-from ._efficient import mesa as mesa
-from ._efficient import momentum_sam as momentum_sam
-from ._efficient import orthogonal_reuse as orthogonal_reuse
 from ._engine import FirstPass as FirstPass
 from ._finite import NonFiniteGradientError as NonFiniteGradientError
 from ._loss_scale import DynamicLossScale as DynamicLossScale
@@ -65,19 +58,6 @@ from ._loss_scale import LossScaleState as LossScaleState
 from ._loss_scale import dynamic_loss_scale as dynamic_loss_scale
 from ._loss_scale import scale_loss as scale_loss
 from ._loss_scale import unscale_grads as unscale_grads
-from ._methods import esam as esam
-from ._methods import friendly_sam as friendly_sam
-from ._methods import gsam as gsam
-from ._methods import normalization_mask as normalization_mask
-from ._methods import perturbed_gradient as perturbed_gradient
-from ._methods import rho_from_learning_rate as rho_from_learning_rate
-from ._methods import sam as sam
-from ._methods import sharpness_aware as sharpness_aware
-from ._methods import surrogate_gap_decomposition as surrogate_gap_decomposition
-from ._methods import vasso as vasso
-from ._methods import weighted_sharpness as weighted_sharpness
-from ._methods import with_policy as with_policy
-from ._methods import wsam as wsam
 from ._module import ModuleAux as ModuleAux
 from ._module import disable_running_stats as disable_running_stats
 from ._module import enable_running_stats as enable_running_stats
@@ -88,7 +68,6 @@ from ._module import module_buffers as module_buffers
 from ._module import module_loss as module_loss
 from ._module import module_params as module_params
 from ._module import module_state as module_state
-from ._policy import PolicyState as PolicyState
 from ._policy import SharpStepsState as SharpStepsState
 from ._policy import every_n_steps as every_n_steps
 from ._policy import from_step as from_step
@@ -137,6 +116,28 @@ from ._transform import scale_by_schedule as scale_by_schedule
 from ._transform import trace as trace
 from ._tree import global_norm as global_norm
 from ._update import apply_updates as apply_updates
+from .methods.efficient import LookSamState as LookSamState
+from .methods.efficient import MesaState as MesaState
+from .methods.efficient import MomentumSamState as MomentumSamState
+from .methods.efficient import ae_sam as ae_sam
+from .methods.efficient import distillation_kl as distillation_kl
+from .methods.efficient import looksam as looksam
+from .methods.efficient import mesa as mesa
+from .methods.efficient import momentum_sam as momentum_sam
+from .methods.efficient import orthogonal_reuse as orthogonal_reuse
+from .methods.sam import esam as esam
+from .methods.sam import friendly_sam as friendly_sam
+from .methods.sam import gsam as gsam
+from .methods.sam import normalization_mask as normalization_mask
+from .methods.sam import perturbed_gradient as perturbed_gradient
+from .methods.sam import rho_from_learning_rate as rho_from_learning_rate
+from .methods.sam import sam as sam
+from .methods.sam import sharpness_aware as sharpness_aware
+from .methods.sam import surrogate_gap_decomposition as surrogate_gap_decomposition
+from .methods.sam import vasso as vasso
+from .methods.sam import weighted_sharpness as weighted_sharpness
+from .methods.sam import with_policy as with_policy
+from .methods.sam import wsam as wsam
 
 _serialization.register_safe_globals(
     [
@@ -155,10 +156,10 @@ _serialization.register_safe_globals(
         LossScaleState,
         MethodState,
         ScaleByRadiusState,
+        SamAscentState,
         AverageGradientsState,
         SubtractMomentumState,
         RandomLeafSubsetState,
-        PolicyState,
         SharpStepsState,
         LookSamState,
         MomentumSamState,
@@ -177,6 +178,7 @@ __all__ = [
     "PartsOptions",
     "PassOptions",
     "PerturbationOptions",
+    "Pieces",
     "SamOptions",
     "SamGradOptions",
     "sam",
@@ -193,7 +195,6 @@ __all__ = [
     "MesaState",
     "distillation_kl",
     "StepPolicy",
-    "PolicyState",
     "SharpStepsState",
     "every_n_steps",
     "from_step",
@@ -222,6 +223,7 @@ __all__ = [
     "subtract_momentum",
     "random_leaf_subset",
     "ScaleByRadiusState",
+    "SamAscentState",
     "AverageGradientsState",
     "SubtractMomentumState",
     "RandomLeafSubsetState",

@@ -26,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -43,7 +44,7 @@ from ._base import (
     Updates,
     check_state,
 )
-from ._combine import chain, masked
+from ._combine import MaskedState, chain, masked, update_with_count
 from ._rng import uniform
 from ._schedule import check_schedule_nonnegative
 from ._transform import init_count
@@ -52,7 +53,6 @@ from ._validate import (
     check_fraction,
     check_in_interval,
     check_nonnegative,
-    check_number,
     check_rho,
     guard_radius,
 )
@@ -63,6 +63,7 @@ __all__ = [
     "Norm",
     "Rho",
     "ScaleByRadiusState",
+    "SamAscentState",
     "AverageGradientsState",
     "SubtractMomentumState",
     "RandomLeafSubsetState",
@@ -145,20 +146,24 @@ def normalize(ord: Norm = "l2", *, eps: float = NORM_EPS) -> GradientTransformat
         >>> t.update([torch.tensor([3.0, 4.0])], t.init(None))[0]
         [tensor([0.6000, 0.8000])]
     """
-    ord = check_norm(ord)
-    eps = check_nonnegative("eps", eps)
+    built = _Normalize(check_norm(ord), check_nonnegative("eps", eps))
+    return GradientTransformation(_empty_init, built.update)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Normalize:
+    ord: Norm
+    eps: float
 
     def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
+        self, updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         del params
-        if ord == "none":
+        if self.ord == "none":
             return updates, state
-        if ord == "inf":
+        if self.ord == "inf":
             return _tree.tree_map(torch.sign, updates), state
-        return _times_factor(updates, 1.0 / (_tree.global_norm(updates) + eps)), state
-
-    return GradientTransformation(_empty_init, update)
+        return _times_factor(updates, 1.0 / (_tree.global_norm(updates) + self.eps)), state
 
 
 def scale_by_param_abs(eta: float = 0.0) -> GradientTransformation:
@@ -174,20 +179,24 @@ def scale_by_param_abs(eta: float = 0.0) -> GradientTransformation:
         >>> t.update([torch.ones(2)], t.init(None), [torch.tensor([-1.0, 0.0])])[0]
         [tensor([1.5000, 0.5000])]
     """
-    eta = check_nonnegative("eta", eta)
+    built = _ScaleByParamAbs(check_nonnegative("eta", eta))
+    return GradientTransformation(_empty_init, built.update)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScaleByParamAbs:
+    eta: float
 
     def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
+        self, updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         weights = _tree.leaves(_needs_params("scale_by_param_abs", params))
         leaves, spec = _tree.flatten(updates)
         if _tree.fused_ops():
-            scales = list(torch._foreach_add(torch._foreach_abs(weights), eta))
+            scales = list(torch._foreach_add(torch._foreach_abs(weights), self.eta))
         else:
-            scales = [w.abs() + eta for w in weights]
+            scales = [w.abs() + self.eta for w in weights]
         return _tree.unflatten(_tree.mul_lists(leaves, scales), spec), state
-
-    return GradientTransformation(_empty_init, update)
 
 
 class ScaleByRadiusState(NamedTuple):
@@ -205,10 +214,15 @@ class ScaleByRadiusState(NamedTuple):
 def scale_by_radius(rho: Rho) -> GradientTransformation:
     """Multiplies the updates by the radius ``rho``.
 
+    A schedule reads the clock: ``update(..., count=n)`` with ``n`` the
+    number of updates applied, which every samfunc driver passes (so rho
+    moves with the learning rate, also on steps a policy makes cheap); called
+    without ``count``, it reads the number of calls in its own state.
+
     Args:
         rho: a float >= 0; a floating 0-d tensor; or a schedule ``step -> rho``
-            of the number of updates made (``samfunc.linear_schedule`` and the
-            others; GSAM ties it to the learning rate with
+            of the number of updates applied (``samfunc.linear_schedule`` and
+            the others; GSAM ties it to the learning rate with
             ``samfunc.rho_from_learning_rate``). A schedule's value that is
             negative or not finite becomes NaN, so the non-finite policy of the
             caller catches it instead of a silent descent.
@@ -219,30 +233,40 @@ def scale_by_radius(rho: Rho) -> GradientTransformation:
         >>> t.update([torch.ones(2)], t.init([torch.ones(2)]))[0]
         [tensor([0.1000, 0.1000])]
     """
-    constant: float | torch.Tensor | None = None
-    schedule: Schedule | None = None
     if callable(rho) and not isinstance(rho, torch.Tensor):
-        schedule = check_schedule_nonnegative("rho", rho)
+        built = _ScaleByRadius(None, check_schedule_nonnegative("rho", rho))
     else:
-        constant = check_rho(rho)
+        built = _ScaleByRadius(check_rho(rho), None)
+    return GradientTransformation(built.init, built.update)
 
-    def init(params: Params) -> ScaleByRadiusState:
+
+@dataclasses.dataclass(frozen=True)
+class _ScaleByRadius:
+    constant: float | torch.Tensor | None
+    schedule: Schedule | None
+
+    def init(self, params: Params) -> ScaleByRadiusState:
         step = init_count(params)
         return ScaleByRadiusState(step, torch.zeros((), dtype=torch.float32, device=step.device))
 
     def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
+        self,
+        updates: Updates,
+        state: OptState,
+        params: Optional[Params] = None,
+        *,
+        count: Optional[torch.Tensor] = None,
     ) -> tuple[Updates, OptState]:
         del params
         check_state("scale_by_radius", state, ScaleByRadiusState)
-        radius = guard_radius(schedule(state.step)) if schedule is not None else constant
+        radius = self.constant
+        if self.schedule is not None:
+            radius = guard_radius(self.schedule(state.step if count is None else count))
         assert radius is not None
         # ones * radius, not torch.full: under torch.compile a float that became
         # symbolic was baked into torch.full's output as a constant (torch 2.13).
         shown = (torch.ones_like(state.radius) * radius).to(state.radius.dtype)
         return _times_factor(updates, radius), ScaleByRadiusState(state.step + 1, shown)
-
-    return GradientTransformation(init, update)
 
 
 class AverageGradientsState(NamedTuple):
@@ -267,22 +291,26 @@ def average_gradients(theta: float) -> GradientTransformation:
         >>> d
         [tensor([0.5000])]
     """
-    theta = check_fraction("theta", theta)
+    built = _AverageGradients(check_fraction("theta", theta))
+    return GradientTransformation(built.init, built.update)
 
-    def init(params: Params) -> AverageGradientsState:
+
+@dataclasses.dataclass(frozen=True)
+class _AverageGradients:
+    theta: float
+
+    def init(self, params: Params) -> AverageGradientsState:
         return AverageGradientsState(init_count(params), _tree.zeros_like(params))
 
     def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
+        self, updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         del params
         check_state("average_gradients", state, AverageGradientsState)
         _tree.check_same_shapes(state.average, updates, "the state's average", "updates")
-        moved = _lerp(state.average, updates, theta)
+        moved = _lerp(state.average, updates, self.theta)
         average = _tree.where(state.step == 0, updates, moved)
         return average, AverageGradientsState(state.step + 1, average)
-
-    return GradientTransformation(init, update)
 
 
 def _lerp(old: Updates, new: Updates, weight: float) -> Updates:
@@ -320,24 +348,31 @@ def subtract_momentum(sigma: float, lmbda: float) -> GradientTransformation:
         >>> u
         [tensor([2.])]
     """
-    sigma = check_number("sigma", sigma)
+    sigma = check_nonnegative("sigma", sigma)
     lmbda = check_in_interval("lmbda", lmbda, 0.0, 1.0)
+    built = _SubtractMomentum(sigma, lmbda)
+    return GradientTransformation(built.init, built.update)
 
-    def init(params: Params) -> SubtractMomentumState:
+
+@dataclasses.dataclass(frozen=True)
+class _SubtractMomentum:
+    sigma: float
+    lmbda: float
+
+    def init(self, params: Params) -> SubtractMomentumState:
         return SubtractMomentumState(init_count(params), _tree.zeros_like(params))
 
     def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
+        self, updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         del params
         check_state("subtract_momentum", state, SubtractMomentumState)
         _tree.check_same_shapes(state.momentum, updates, "the state's momentum", "updates")
         first = state.step == 0
-        direction = _tree.where(first, updates, _tree.add_scaled(updates, state.momentum, -sigma))
-        momentum = _tree.where(first, updates, _lerp(state.momentum, updates, 1.0 - lmbda))
+        moved = _tree.add_scaled(updates, state.momentum, -self.sigma)
+        direction = _tree.where(first, updates, moved)
+        momentum = _tree.where(first, updates, _lerp(state.momentum, updates, 1.0 - self.lmbda))
         return direction, SubtractMomentumState(state.step + 1, momentum)
-
-    return GradientTransformation(init, update)
 
 
 class RandomLeafSubsetState(NamedTuple):
@@ -366,25 +401,36 @@ def random_leaf_subset(beta: float, seed: int = 0) -> GradientTransformation:
     beta = check_fraction("beta", beta)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(
+            f"seed must be in [0, 2**32), got {seed}: the draws hash its low 32 bits, so a "
+            f"larger seed would give the same draws as {seed & 0xFFFFFFFF}"
+        )
+    built = _RandomLeafSubset(beta, seed)
+    return GradientTransformation(built.init, built.update)
 
-    def init(params: Params) -> RandomLeafSubsetState:
+
+@dataclasses.dataclass(frozen=True)
+class _RandomLeafSubset:
+    beta: float
+    seed: int
+
+    def init(self, params: Params) -> RandomLeafSubsetState:
         step = init_count(params)
-        return RandomLeafSubsetState(torch.full_like(step, seed), step)
+        return RandomLeafSubsetState(torch.full_like(step, self.seed), step)
 
     def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
+        self, updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         del params
         check_state("random_leaf_subset", state, RandomLeafSubsetState)
         leaves, spec = _tree.flatten(updates)
-        joins = joining_leaves(state.key, state.step, len(leaves), beta)
+        joins = joining_leaves(state.key, state.step, len(leaves), self.beta)
         chosen = [
             torch.where(joins[i].to(leaf.device), leaf, torch.zeros_like(leaf))
             for i, leaf in enumerate(leaves)
         ]
         return _tree.unflatten(chosen, spec), RandomLeafSubsetState(state.key, state.step + 1)
-
-    return GradientTransformation(init, update)
 
 
 def joining_leaves(key: torch.Tensor, step: torch.Tensor, count: int, beta: float) -> torch.Tensor:
@@ -449,34 +495,105 @@ def sam_ascent(
         raise TypeError(
             f"direction must be a GradientTransformation, got {type(direction).__name__}"
         )
-    built: dict[tuple[tuple[bool, ...], tuple[bool, ...]], GradientTransformation] = {}
+    built = _SamAscent(rho, adaptive, eta, norm, mask, direction)
+    return GradientTransformation(built.init, built.update)
 
-    def for_params(params: Params) -> GradientTransformation:
-        """The chain for these params' leaves (masks resolved once per tree shape)."""
+
+class SamAscentState(NamedTuple):
+    """State of ``sam_ascent``: the same fields whatever its options.
+
+    Attributes:
+        direction: the ``direction`` transform's state (``()`` without one).
+        radius: ``scale_by_radius``'s state (the radius of the last step).
+    """
+
+    direction: OptState
+    radius: ScaleByRadiusState
+
+
+class _Built(NamedTuple):
+    chain: GradientTransformation
+    template: tuple[OptState, ...]  # the chain's state, stateless pieces only
+    masked: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _SamAscent:
+    """``sam_ascent``: its chain, built for each tree structure it meets (masks resolved then)."""
+
+    rho: Rho
+    adaptive: bool | Mask
+    eta: float
+    norm: Norm
+    mask: Optional[Mask]
+    direction: Optional[GradientTransformation]
+    #: The chains built so far, by the params' key paths: masks resolve once per structure.
+    #: Not pickled (a copy builds its own).
+    built: dict[tuple[str, ...], _Built] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "built"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in {**state, "built": {}}.items():
+            object.__setattr__(self, key, value)
+
+    def _for_params(self, params: Params) -> _Built:
+        """The chain for these params' leaves, built once per tree structure."""
+        key = tuple(_tree.key_paths(params))
+        found = self.built.get(key)
+        if found is None:
+            found = self.built[key] = self._build(params)
+        return found
+
+    def _build(self, params: Params) -> _Built:
         spec = _tree.flatten(params)[1]
-        flags = mask_flags(mask, params)
-        chosen = tuple(_tree.select(_adaptive_flags(adaptive, params), flags))
-        key = (flags, chosen)
-        if key not in built:
-            # Inside masked, the pieces see the selected leaves as a flat list.
-            as_tree = list(chosen) if not all(flags) else _tree.unflatten(list(chosen), spec)
-            core = _core(chosen, as_tree, eta, norm, rho)
-            ascent = chain(*([direction] if direction is not None else []), *core)
-            if not all(flags):
-                ascent = masked(ascent, _tree.unflatten(list(flags), spec), others="zero")
-            built[key] = ascent
-        return built[key]
+        flags = mask_flags(self.mask, params)
+        chosen = tuple(_tree.select(_adaptive_flags(self.adaptive, params), flags))
+        # Inside masked, the pieces see the selected leaves as a flat list.
+        as_tree = list(chosen) if not all(flags) else _tree.unflatten(list(chosen), spec)
+        core = _core(chosen, as_tree, self.eta, self.norm, self.rho)
+        ascent = chain(*([self.direction] if self.direction is not None else []), *core)
+        if not all(flags):
+            ascent = masked(ascent, _tree.unflatten(list(flags), spec), others="zero")
+        full = ascent.init(params)
+        inner = full.inner_state if not all(flags) else full
+        template = tuple(
+            () if i == 0 and self.direction is not None else s for i, s in enumerate(inner)
+        )
+        return _Built(ascent, template[:-1] + ((),), not all(flags))
 
-    def init(params: Params) -> OptState:
-        return for_params(params).init(params)
+    def _expand(self, built: _Built, state: SamAscentState) -> OptState:
+        inner = list(built.template)
+        if self.direction is not None:
+            inner[0] = state.direction
+        inner[-1] = state.radius
+        return MaskedState(tuple(inner)) if built.masked else tuple(inner)
+
+    def _compact(self, built: _Built, full: OptState) -> SamAscentState:
+        inner = full.inner_state if built.masked else full
+        return SamAscentState(inner[0] if self.direction is not None else (), inner[-1])
+
+    def init(self, params: Params) -> SamAscentState:
+        built = self._for_params(params)
+        return self._compact(built, built.chain.init(params))
 
     def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
+        self,
+        updates: Updates,
+        state: OptState,
+        params: Optional[Params] = None,
+        *,
+        count: Optional[torch.Tensor] = None,
     ) -> tuple[Updates, OptState]:
         params = _needs_params("sam_ascent", params)
-        return for_params(params).update(updates, state, params)
-
-    return GradientTransformation(init, update)
+        check_state("sam_ascent", state, SamAscentState)
+        built = self._for_params(params)
+        full = self._expand(built, state)
+        e, new_full = update_with_count(built.chain, True, updates, full, params, count)
+        return e, self._compact(built, new_full)
 
 
 def mask_flags(mask: Optional[Mask], params: Params) -> tuple[bool, ...]:

@@ -60,6 +60,9 @@ __all__ = [
     "MethodState",
     "MethodInitFn",
     "MethodGradFn",
+    "PointFn",
+    "ObjectiveFn",
+    "Pieces",
     "Method",
 ]
 
@@ -245,11 +248,15 @@ class Combiner(NamedTuple):
         reuse: on a cheap step (one pass, at ``w``; see ``StepPolicy``),
             ``reuse(g, state, params) -> (gradient, new_state)``; LookSAM adds
             what its last full step stored. None: the gradient is ``g``.
+        reads_first_gradient: whether ``update`` reads ``g`` (False for
+            plain SAM's, which returns ``g_s``): ``samfunc.SAM``'s two-step
+            API keeps a copy of ``g`` only for a combiner that reads it.
     """
 
     init: TransformInitFn
     update: CombineUpdateFn
     reuse: Optional[CombineReuseFn] = None
+    reads_first_gradient: bool = True
 
 
 class StepPolicy(NamedTuple):
@@ -260,29 +267,42 @@ class StepPolicy(NamedTuple):
     inside one.
 
     Attributes:
-        init: ``init(params) -> state``, a NamedTuple whose first two fields are
-            ``steps`` (steps taken) and ``full_steps`` (full ones among them),
-            int64 0-d tensors on the CPU.
-        plan: ``plan(count) -> bool | None``: whether step ``count`` (a Python
-            int) is a full step, or None when the first pass's gradient decides.
-        decide: for ``plan`` returning None: ``decide(g_sq_norm, state) ->
-            (full, new_state)`` with ``full`` a 0-d bool tensor; it may update
-            statistics in the state (AE-SAM's), but not the two counters.
+        init: ``init(params) -> state``: what the policy keeps besides the
+            clock (AE-SAM's statistics; ``()`` for a fixed schedule).
+        plan: ``plan(count) -> bool | None``: whether the step after ``count``
+            updates (a Python int: ``MethodState.steps``, the one clock) is
+            full, or None when the first pass's gradient decides.
+        decide: for ``plan`` returning None: ``decide(g_sq_norm, state, count)
+            -> (full, new_state)`` with ``full`` a 0-d bool tensor.
         name: for error messages and reports.
     """
 
     init: TransformInitFn
     plan: Callable[[int], Optional[bool]]
-    decide: Optional[Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]] = None
+    decide: Optional[Callable[[torch.Tensor, Any, torch.Tensor], tuple[torch.Tensor, Any]]] = None
     name: str = "policy"
 
 
 class MethodState(NamedTuple):
-    """A method's state: its ascent's, its combiner's, and its step policy's (``()`` if none)."""
+    """The state of a method built from pieces; ``method.init(params)`` makes it.
+
+    Attributes:
+        ascent: the ascent transform's state (``()`` for a one-pass method).
+        combine: the combiner's state (LookSAM's ``g_v``, Momentum-SAM's
+            velocity, MESA's teacher; ``EmptyState()`` if it keeps none).
+        policy: the step policy's state (``()`` without a policy).
+        steps: the one clock: the number of updates applied (int64, CPU).
+            Every schedule of the method (rho, a policy's) reads it; a step
+            that a driver skips (non-finite gradient) does not advance it, and
+            a cheap step advances it as a full one does.
+        full_steps: how many of those updates took the full step (int64, CPU).
+    """
 
     ascent: OptState
     combine: OptState
-    policy: OptState = ()
+    policy: OptState
+    steps: torch.Tensor
+    full_steps: torch.Tensor
 
 
 class MethodInitFn(Protocol):
@@ -304,6 +324,62 @@ class MethodGradFn(Protocol):
     ) -> tuple[Updates, Any, OptState]: ...
 
 
+class PointFn(Protocol):
+    """Where a one-pass method takes its gradient: ``(params, combine_state) -> point``."""
+
+    def __call__(self, params: Params, state: OptState) -> Params: ...
+
+
+class ObjectiveFn(Protocol):
+    """A method that changes the loss (MESA): ``(loss_fn, params, state) -> (loss_fn, state)``.
+
+    ``state`` is the whole ``MethodState`` (the clock included); the new
+    combiner state is returned with the new loss, which returns
+    ``(objective, (loss, aux))``: the gradient is the objective's, the loss
+    reported is ``loss``.
+    """
+
+    def __call__(
+        self, loss_fn: LossFn, params: Params, state: MethodState
+    ) -> tuple[LossFn, OptState]: ...
+
+
+class Pieces(NamedTuple):
+    """A sharpness-aware method as data: the pieces one interpreter runs.
+
+    Every built-in method is one such record; ``samfunc.sharpness_aware``
+    builds one from your own pieces. The interpreter (``method.grad``, both
+    train steps and ``samfunc.SAM`` call it) runs, per step: the first pass at
+    ``w`` (or at ``point(w)``), the ``ascent`` to ``e``, the second pass at
+    ``w + e`` (on ``select_fraction`` of the samples), the ``combiner``; or,
+    on a step the ``policy`` makes cheap, one pass and ``combiner.reuse``.
+
+    Attributes:
+        name: for error messages.
+        ascent: ``g -> e``; None for a method of one pass per step.
+        combiner: ``(g, g_s) -> gradient`` on full steps, ``reuse`` on cheap
+            and one-pass steps.
+        policy: which steps are full; None: all (a one-pass method: none).
+        select_fraction: ESAM's data selection for the second pass.
+        point: a one-pass method's evaluation point (Momentum-SAM's).
+        objective: a change of the loss (MESA's).
+        whole: a ``Method`` whose own ``grad`` makes the full step (a bare
+            user-written method given a policy).
+        ascent_takes_count: whether ``ascent.update`` takes ``count=`` (the
+            clock), found once when the record is built.
+    """
+
+    name: str
+    ascent: Optional[GradientTransformation]
+    combiner: Combiner
+    policy: Optional[StepPolicy] = None
+    select_fraction: Optional[float] = None
+    point: Optional[PointFn] = None
+    objective: Optional[ObjectiveFn] = None
+    whole: Optional[Method] = None
+    ascent_takes_count: bool = False
+
+
 class Method(NamedTuple):
     """A sharpness-aware method, in the shape of ``GradientTransformation``.
 
@@ -312,10 +388,18 @@ class Method(NamedTuple):
     ``has_aux=True`` the second item is ``(loss, aux)``. ``grads`` is what the
     optimizer gets; ``loss`` is the loss at ``w``.
 
+    A method of your own can be a bare ``Method(init, grad)``: ``init`` may
+    return any state (``()`` included) and ``grad`` needs to take only
+    ``(loss_fn, params, batch, state)`` (and ``has_aux=`` to run in
+    ``make_module_train_step``); every driver runs it. The built-in methods
+    also carry their ``pieces``, which the drivers interpret phase by phase.
+
     Attributes:
         init: ``init(params) -> state``.
         grad: ``grad(loss_fn, params, batch, state, **EngineOptions)``.
+        pieces: the method as data (None for a bare method).
     """
 
     init: MethodInitFn
     grad: MethodGradFn
+    pieces: Optional[Pieces] = None

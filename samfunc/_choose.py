@@ -17,8 +17,8 @@ Examples:
     >>> state = samfunc.init_train_state({"w": torch.ones(3)}, opt, method=method)
     >>> for _ in range(4):
     ...     state, metrics = step(state, torch.randn(8, 3))
-    >>> step.full_steps, step.steps
-    (2, 4)
+    >>> samfunc.full_step_fraction(state)
+    0.5
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-__all__ = ["Kind", "PLANNED", "ChoosingStep", "chooses", "compile_step"]
+from ._base import Pieces
+from ._engine import kind_of_step, reads_gradient
+
+__all__ = ["Kind", "PLANNED", "ChoosingStep", "compile_step"]
 
 
 class Kind(NamedTuple):
@@ -48,40 +51,33 @@ class Kind(NamedTuple):
 PLANNED = Kind()
 
 
-def chooses(grad: Any) -> bool:
-    """Whether a method's ``grad`` has a step policy (so a train step must choose)."""
-    return getattr(grad, "policy", None) is not None
-
-
 StepFn = Callable[..., Any]
 
 
 class ChoosingStep:
     """``step(state, batch)`` for a method with a step policy; pure parts, chosen in Python.
 
-    The kind of each step comes from the policy's counters in
-    ``state.method_state`` (CPU tensors: reading them costs no device sync),
-    or, for AE-SAM, from the first pass's verdict (one read of a flag).
+    The kind of each step comes from the policy's plan of the method's clock
+    (``state.method_state.steps``, a CPU tensor: reading it costs no device
+    sync), or, for AE-SAM, from the first pass's verdict (one read of a flag).
+    It keeps no counter of its own: ``samfunc.full_step_fraction(state)``
+    reads the state.
 
     Attributes:
         full_step: ``full_step(state, batch)``, the pure full step.
         cheap_step: ``cheap_step(state, batch)``, the pure cheap step.
         first_pass: ``first_pass(state, batch) -> FirstPass`` for a policy
             that reads the gradient, else None.
-        steps: steps run through this object; ``full_steps``: full ones.
     """
 
-    def __init__(self, step: StepFn, first: StepFn, grad: Any) -> None:
-        self._grad = grad
-        self.name: str = getattr(grad, "name", "method")
-        self.reads_gradient: bool = bool(getattr(grad, "reads_gradient", False))
-        self.full_step: StepFn = lambda state, batch: step(state, batch, Kind(True))
-        self.cheap_step: StepFn = lambda state, batch: step(state, batch, Kind(False))
-        self.first_pass: Optional[StepFn] = first if self.reads_gradient else None
-        self.finish_full: StepFn = lambda state, batch, f: step(state, batch, Kind(True, f))
-        self.finish_cheap: StepFn = lambda state, batch, f: step(state, batch, Kind(False, f))
-        self.steps = 0
-        self.full_steps = 0
+    def __init__(self, step: StepFn, first: StepFn, pieces: Pieces) -> None:
+        self.pieces = pieces
+        self.name: str = pieces.name
+        self.full_step: StepFn = _Kinded(step, True)
+        self.cheap_step: StepFn = _Kinded(step, False)
+        self.first_pass: Optional[StepFn] = first if reads_gradient(pieces) else None
+        self.finish_full: StepFn = _Kinded(step, True, after_first=True)
+        self.finish_cheap: StepFn = _Kinded(step, False, after_first=True)
 
     def __call__(self, state: Any, batch: Any) -> tuple[Any, Any]:
         """One step: the policy's choice, then the pure step of that kind."""
@@ -93,23 +89,18 @@ class ChoosingStep:
             )
         if self.first_pass is not None:
             first = self.first_pass(state, batch)
-            full = bool(first.full)
-            new, metrics = (self.finish_full if full else self.finish_cheap)(state, batch, first)
-        else:
-            full = self._planned(state)
-            new, metrics = (self.full_step if full else self.cheap_step)(state, batch)
-        self.steps += 1
-        self.full_steps += int(full)
-        return new, metrics
-
-    def _planned(self, state: Any) -> bool:
-        policy = getattr(state.method_state, "policy", ())
-        if not hasattr(policy, "steps"):
+            finish = self.finish_full if bool(first.full) else self.finish_cheap
+            result: tuple[Any, Any] = finish(state, batch, first)
+            return result
+        method_state = state.method_state
+        if not hasattr(method_state, "steps"):
             raise ValueError(
-                f"{self.name} has a step policy, but state.method_state has no policy state: "
-                "build the state with init_train_state(..., method=the same method)"
+                f"{self.name} has a step policy, but state.method_state has no clock: build the "
+                "state with init_train_state(..., method=the same method)"
             )
-        return bool(self._grad.planned(state.method_state))
+        kind = self.full_step if kind_of_step(self.pieces, method_state) else self.cheap_step
+        chosen: tuple[Any, Any] = kind(state, batch)
+        return chosen
 
     def compile(self, **options: Any) -> ChoosingStep:
         """A copy whose pure parts are each ``torch.compile(part, **options)``."""
@@ -118,8 +109,19 @@ class ChoosingStep:
         for name in ("full_step", "cheap_step", "finish_full", "finish_cheap", "first_pass"):
             part = getattr(self, name)
             setattr(compiled, name, None if part is None else torch.compile(part, **options))
-        compiled.steps = compiled.full_steps = 0
         return compiled
+
+
+class _Kinded:
+    """A train step told which kind of step to take (and, after a first pass, given it)."""
+
+    def __init__(self, step: StepFn, full: bool, after_first: bool = False) -> None:
+        self.step = step
+        self.full = full
+        self.after_first = after_first
+
+    def __call__(self, state: Any, batch: Any, first: Any = None) -> Any:
+        return self.step(state, batch, Kind(self.full, first if self.after_first else None))
 
 
 def compile_step(step: Callable[..., Any], **options: Any) -> Callable[..., Any]:

@@ -12,6 +12,8 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Literal, NamedTuple, Optional
 
 import torch
@@ -20,11 +22,87 @@ from . import _tree
 from ._base import GradientTransformation, OptState, Params, Updates, check_state
 from ._tree import Mask
 
-__all__ = ["chain", "masked", "MaskedState", "apply_if_finite", "ApplyIfFiniteState"]
+__all__ = [
+    "chain",
+    "masked",
+    "MaskedState",
+    "apply_if_finite",
+    "ApplyIfFiniteState",
+    "takes_count",
+    "update_with_count",
+]
+
+
+def takes_count(transform: GradientTransformation) -> bool:
+    """Whether ``transform.update`` takes the keyword ``count``: the step count of one clock.
+
+    A transform that reads a schedule (``scale_by_radius``) takes ``count=``,
+    the number of updates applied, from whoever drives it, so every schedule
+    of a method reads the same clock; ``chain`` and ``masked`` pass it on to
+    the members that take it. Asked once, when a chain or a method is built.
+
+    Examples:
+        >>> import samfunc
+        >>> takes_count(samfunc.scale_by_radius(0.1)), takes_count(samfunc.normalize())
+        (True, False)
+    """
+    try:
+        parameters = inspect.signature(transform.update).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return "count" in parameters
+
+
+def update_with_count(
+    transform: GradientTransformation,
+    takes: bool,
+    updates: Updates,
+    state: OptState,
+    params: Optional[Params],
+    count: Optional[torch.Tensor],
+) -> tuple[Updates, OptState]:
+    """``transform.update``, given ``count`` when it takes one (``takes``) and there is one."""
+    if takes and count is not None:
+        return transform.update(updates, state, params, count=count)  # type: ignore[call-arg]
+    return transform.update(updates, state, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chain:
+    transforms: tuple[GradientTransformation, ...]
+    takes: tuple[bool, ...]
+
+    def init(self, params: Params) -> tuple[OptState, ...]:
+        return tuple(t.init(params) for t in self.transforms)
+
+    def update(
+        self,
+        updates: Updates,
+        state: OptState,
+        params: Optional[Params] = None,
+        *,
+        count: Optional[torch.Tensor] = None,
+    ) -> tuple[Updates, OptState]:
+        if not isinstance(state, tuple) or len(state) != len(self.transforms):
+            size = len(state) if isinstance(state, tuple) else type(state).__name__
+            raise ValueError(
+                f"state has {size} entries but the chain has {len(self.transforms)} transforms: "
+                f"was it made by another optimizer's init?"
+            )
+        new_states = []
+        for transform, takes, inner_state in zip(self.transforms, self.takes, state):
+            updates, new_inner = update_with_count(
+                transform, takes, updates, inner_state, params, count
+            )
+            new_states.append(new_inner)
+        return updates, tuple(new_states)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Applies ``transforms`` one after the other; the state is a tuple of theirs.
+
+    The chain's ``update`` takes ``count=`` (see ``takes_count``) and passes
+    it to the transforms that take it.
 
     Examples:
         >>> import samfunc
@@ -36,32 +114,50 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"chain takes GradientTransformations; "
                 f"argument {index} is {type(transform).__name__}"
             )
-
-    def init(params: Params) -> tuple[OptState, ...]:
-        return tuple(t.init(params) for t in transforms)
-
-    def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
-    ) -> tuple[Updates, OptState]:
-        if not isinstance(state, tuple) or len(state) != len(transforms):
-            count = len(state) if isinstance(state, tuple) else type(state).__name__
-            raise ValueError(
-                f"state has {count} entries but the chain has {len(transforms)} transforms: "
-                f"was it made by another optimizer's init?"
-            )
-        new_states = []
-        for transform, inner_state in zip(transforms, state):
-            updates, new_inner = transform.update(updates, inner_state, params)
-            new_states.append(new_inner)
-        return updates, tuple(new_states)
-
-    return GradientTransformation(init, update)
+    built = _Chain(tuple(transforms), tuple(takes_count(t) for t in transforms))
+    return GradientTransformation(built.init, built.update)
 
 
 class MaskedState(NamedTuple):
     """State of ``masked``: the inner transform's state over the selected leaves."""
 
     inner_state: OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class _Masked:
+    inner: GradientTransformation
+    mask: Mask
+    others: Literal["keep", "zero"]
+    takes: bool
+
+    def init(self, params: Params) -> MaskedState:
+        flags = _tree.resolve_mask(self.mask, params)
+        return MaskedState(inner_state=self.inner.init(_tree.select(params, flags)))
+
+    def update(
+        self,
+        updates: Updates,
+        state: OptState,
+        params: Optional[Params] = None,
+        *,
+        count: Optional[torch.Tensor] = None,
+    ) -> tuple[Updates, OptState]:
+        check_state("masked", state, MaskedState)
+        flags = _tree.resolve_mask(self.mask, updates if params is None else params)
+        kept = _zero_unselected(updates, flags) if self.others == "zero" else updates
+        if not any(flags):
+            return kept, state
+        selected_params = None if params is None else _tree.select(params, flags)
+        new_selected, new_inner = update_with_count(
+            self.inner,
+            self.takes,
+            _tree.select(updates, flags),
+            state.inner_state,
+            selected_params,
+            count,
+        )
+        return _tree.merge(kept, new_selected, flags), MaskedState(inner_state=new_inner)
 
 
 def masked(
@@ -78,6 +174,8 @@ def masked(
         mask: a tree of bools with the params' structure, or a predicate
             ``(path, leaf) -> bool`` on each leaf's dotted key path
             (``"layer.0.weight"``). It must select the same leaves at every step.
+            A predicate must be a module-level function or object for the
+            transform to pickle (a lambda does not).
         others: what the leaves ``mask`` leaves out become: ``"keep"`` (as they
             are, as optax's ``masked``) or ``"zero"`` (zeros: an ascent that
             must not move them, as SAM's ``mask``).
@@ -96,26 +194,8 @@ def masked(
         raise TypeError(f"inner must be a GradientTransformation, got {type(inner).__name__}")
     if others not in ("keep", "zero"):
         raise ValueError(f"others must be 'keep' or 'zero', got {others!r}")
-
-    def init(params: Params) -> MaskedState:
-        flags = _tree.resolve_mask(mask, params)
-        return MaskedState(inner_state=inner.init(_tree.select(params, flags)))
-
-    def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
-    ) -> tuple[Updates, OptState]:
-        check_state("masked", state, MaskedState)
-        flags = _tree.resolve_mask(mask, updates if params is None else params)
-        kept = _zero_unselected(updates, flags) if others == "zero" else updates
-        if not any(flags):
-            return kept, state
-        selected_params = None if params is None else _tree.select(params, flags)
-        new_selected, new_inner = inner.update(
-            _tree.select(updates, flags), state.inner_state, selected_params
-        )
-        return _tree.merge(kept, new_selected, flags), MaskedState(inner_state=new_inner)
-
-    return GradientTransformation(init, update)
+    built = _Masked(inner, mask, others, takes_count(inner))
+    return GradientTransformation(built.init, built.update)
 
 
 def _zero_unselected(tree: Updates, flags: list[bool]) -> Updates:
@@ -164,7 +244,15 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"inner must be a GradientTransformation, got {type(inner).__name__}")
 
-    def init(params: Params) -> ApplyIfFiniteState:
+    built = _ApplyIfFinite(inner)
+    return GradientTransformation(built.init, built.update)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ApplyIfFinite:
+    inner: GradientTransformation
+
+    def init(self, params: Params) -> ApplyIfFiniteState:
         first = _tree.leaves(params)
         device = first[0].device if first else None
         count = torch.zeros((), dtype=torch.int64, device=device)
@@ -172,15 +260,15 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
             last_finite=torch.ones((), dtype=torch.bool, device=device),
             notfinite_count=count,
             total_notfinite=count.clone(),
-            inner_state=inner.init(params),
+            inner_state=self.inner.init(params),
         )
 
     def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
+        self, updates: Updates, state: OptState, params: Optional[Params] = None
     ) -> tuple[Updates, OptState]:
         check_state("apply_if_finite", state, ApplyIfFiniteState)
         finite = _tree.all_finite(updates)
-        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        new_updates, new_inner = self.inner.update(updates, state.inner_state, params)
         kept = _tree.where(finite, new_updates, _tree.zeros_like(new_updates))
         bad = (~finite).to(torch.int64)
         new_state = ApplyIfFiniteState(
@@ -190,5 +278,3 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
             inner_state=_tree.where(finite, new_inner, state.inner_state),
         )
         return kept, new_state
-
-    return GradientTransformation(init, update)

@@ -1,17 +1,21 @@
-"""The engine: a sharpness-aware method's passes, written once for every method.
+"""The interpreter: one set of phase functions that runs every sharpness-aware method.
 
-One step of a method built from an ascent and a combiner::
+A method is data (``samfunc.Pieces``); one step of it is, in phases::
 
-    g, loss = grad L(w)                     first pass, at w
-    e, s_a  = ascent.update(g, s_a, w)      the perturbation
-    g_s     = grad L(w + e)                 second pass (ESAM: on the sharpest samples)
-    out, s_c = combiner.update(g, g_s, s_c, w)
+    g, loss   = first pass at w            (at point(w) for a one-pass method)
+    full?     = the policy's plan(count), or decide(||g||^2) (AE-SAM)
+    e         = ascent(g, count)           full steps
+    g_s       = second pass at w + e       (on ESAM's sharpest samples)
+    out       = combiner(g, g_s)           full steps; combiner.reuse(g) otherwise
+    count    += 1                          the one clock (full_steps too on full steps)
 
-around which the engine adds m-sharpness (``num_chunks``: one ``e`` per chunk
-of the batch, in parallel with ``torch.func.vmap`` or in a loop), gradient
-accumulation (``accum_steps``), replayed random draws (``reuse_rng``) and the
-non-finite check (``nonfinite="raise"``). ``samfunc.sharpness_aware`` turns an
-ascent and a combiner into a ``Method`` whose ``grad`` is a ``MethodGrad``.
+``method.grad``, ``sam_grad``, both train steps and ``samfunc.SAM`` run these
+same functions; none writes a formula of its own. Around them the interpreter
+adds m-sharpness (``num_chunks``: one ``e`` per chunk, with ``vmap`` or in a
+loop), gradient accumulation (``accum_steps``), replayed random draws
+(``reuse_rng``, per micro-batch), one BatchNorm update per step (the second
+pass runs under ``RunningStatsGuard``), data parallelism and the non-finite
+check. A bare ``Method(init, grad)`` runs as a whole through its own ``grad``.
 
 Examples:
     >>> import torch
@@ -21,11 +25,14 @@ Examples:
     >>> params = {"w": torch.ones(3)}
     >>> state = method.init(params)
     >>> grads, loss, state = method.grad(loss_fn, params, torch.eye(3), state)
+    >>> int(state.steps)
+    1
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
@@ -36,18 +43,21 @@ from typing_extensions import Unpack
 from . import _batch, _distributed, _rng, _tree
 from ._base import (
     Combiner,
+    EmptyState,
     EngineOptions,
-    GradientTransformation,
     LossFn,
+    Method,
     MethodState,
     OptState,
     Params,
-    StepPolicy,
+    Pieces,
     check_state,
 )
+from ._combine import takes_count, update_with_count
 from ._distributed import DataParallel, check_data_parallel
 from ._finite import NonFinitePolicy, check_policy, raise_if_nonfinite, refuse_raise_under_compile
 from ._grad import grad_and_value
+from ._module import RunningStatsGuard
 from ._tree import PyTree
 from ._validate import check_bool, check_positive_int
 
@@ -58,13 +68,30 @@ __all__ = [
     "ENGINE_POLICIES",
     "RunOptions",
     "run_options",
-    "MethodGrad",
+    "Pass",
     "FirstPass",
-    "one_pass",
-    "counted",
+    "LossPasses",
+    "pieces_of",
+    "init_state",
+    "kind_of_step",
+    "ascend",
+    "combine",
+    "reuse",
+    "decide",
+    "advance",
+    "evaluation_point",
+    "interpret",
+    "run_step",
+    "is_whole",
+    "reads_gradient",
+    "ascent_pieces",
+    "IDENTITY",
+    "first_phase",
+    "finish_phase",
     "refuse_choice_under_compile",
     "check_params",
     "checked_loss_fn",
+    "Interpreted",
 ]
 
 FIRST_PASS = "the first pass, at w"
@@ -202,22 +229,25 @@ class Pass(NamedTuple):
 
 
 class FirstPass(NamedTuple):
-    """The first pass of a step whose policy reads the gradient (AE-SAM), and its verdict.
+    """A step's first pass and the policy's verdict on it (for a policy that reads ``g``).
 
-    ``MethodGrad.first`` returns it and ``MethodGrad.finish`` takes it, so a
-    train step can choose the rest of the step in Python between the two.
+    ``first_phase`` returns it and ``finish_phase`` takes it, so a train step
+    can choose the rest of the step in Python between the two.
 
     Attributes:
         grads: ``g``, the gradient at ``w``.
         value: the first pass's loss (and aux).
         full: a 0-d bool tensor: whether the policy wants the full step.
-        policy: the policy's new state (statistics updated, counters not).
+        policy: the policy's new state.
+        replay: the random generators' states of each part of the first pass
+            (``reuse_rng``), for the second pass to replay; None otherwise.
     """
 
     grads: PyTree
     value: Any
     full: torch.Tensor
     policy: Any
+    replay: Any = None
 
 
 def refuse_choice_under_compile(name: str) -> None:
@@ -236,7 +266,7 @@ def _chunk_mean(grads: PyTree, value: Any, aux: bool) -> Pass:
     return Pass(grads, (value[0].mean(0), value[1]) if aux else value.mean(0))
 
 
-def mean_pass(done: Pass, data_parallel: Optional[DataParallel], aux: bool) -> Pass:
+def _mean_pass(done: Pass, data_parallel: Optional[DataParallel], aux: bool) -> Pass:
     """A pass's gradient and loss averaged over the data-parallel processes (one all-reduce)."""
     if data_parallel is None:
         return done
@@ -245,90 +275,589 @@ def mean_pass(done: Pass, data_parallel: Optional[DataParallel], aux: bool) -> P
     return Pass(grads, (loss, done.value[1]) if aux else loss)
 
 
-def one_pass(
-    grad_fn: Callable[..., tuple[PyTree, Any]],
-    params: Params,
-    batch: Batch,
-    run: RunOptions,
-    aux: bool,
-) -> Pass:
-    """One gradient over the whole batch, cut into parts as ``run`` says.
+class LossPasses:
+    """The gradient passes of one step over ``loss_fn``, cut into parts as ``run`` says.
 
-    Chunks (``num_chunks``) run with ``vmap`` or in a loop, as a method's
-    passes do, so ``aux`` has the same leading axis whichever kind of step
-    made it; ``accum_steps`` accumulates. The gradient is the parts' mean, and
-    with ``data_parallel`` (either mode) the mean over every process's batch.
+    ``first`` is the pass at ``w``: chunks (``num_chunks``, with ``vmap`` or in
+    a loop) or micro-batches (``accum_steps``), averaged; with ``reuse_rng``
+    it notes the random generators' states before each part. ``second`` is
+    the pass at ``w + e`` over the same parts, each on its part's replayed
+    draws, under a ``RunningStatsGuard``. Built afresh for every step.
+
+    Attributes:
+        loss_fn: the (checked) loss.
+        run: the checked options.
+        aux: whether ``loss_fn`` returns ``(loss, aux)``.
+        replay: the generators' states noted by ``first`` (one per part).
     """
-    if run.num_chunks > 1 and run.vectorize_chunks:
-        stacked, in_dims = _batch.stack_chunks(batch, run.num_chunks, "num_chunks")
-        grads, value = vmap(
-            lambda chunk: grad_fn(params, chunk), in_dims=(in_dims,), randomness="different"
-        )(stacked)
-        return mean_pass(_chunk_mean(grads, value, aux), run.data_parallel, aux)
-    parts = run.num_chunks * run.accum_steps
-    if parts > 1:
-        name = "num_chunks" if run.num_chunks > 1 else "accum_steps"
-        grads, values = _batch.accumulate(grad_fn, params, _batch.split_batch(batch, parts, name))
-        return mean_pass(Pass(grads, _batch.mean_values(values, aux)), run.data_parallel, aux)
-    return mean_pass(Pass(*grad_fn(params, batch)), run.data_parallel, aux)
+
+    def __init__(self, loss_fn: LossFn, run: RunOptions, aux: bool, replay: Any = None) -> None:
+        self.loss_fn = loss_fn
+        self.run = run
+        self.aux = aux
+        self.grad_fn = grad_and_value(loss_fn, has_aux=aux)
+        self.replay: Optional[list[_rng.RngStates]] = replay
+
+    def _parts(self, batch: Batch) -> list[Batch]:
+        parts = self.run.num_chunks * self.run.accum_steps
+        if parts == 1:
+            return [batch]
+        name = "num_chunks" if self.run.num_chunks > 1 else "accum_steps"
+        return _batch.split_batch(batch, parts, name)
+
+    def first(self, params: Params, batch: Batch, reduce: bool) -> Pass:
+        """The pass at ``w`` (averaged over the processes when ``reduce``)."""
+        run = self.run
+        if run.num_chunks > 1 and run.vectorize_chunks:
+            stacked, in_dims = _batch.stack_chunks(batch, run.num_chunks, "num_chunks")
+            grads, value = vmap(
+                lambda chunk: self.grad_fn(params, chunk),
+                in_dims=(in_dims,),
+                randomness="different",
+            )(stacked)
+            done = _chunk_mean(grads, value, self.aux)
+        else:
+            done = self._over_parts(params, self._parts(batch), note=run.reuse_rng)
+        return _mean_pass(done, run.data_parallel, self.aux) if reduce else done
+
+    def second(self, point: Params, batch: Batch) -> Pass:
+        """The pass at ``w + e`` on the first pass's parts and draws, one BatchNorm update kept."""
+        with RunningStatsGuard().held():
+            done = self._over_parts(point, self._parts(batch), note=False)
+        if self.run.reduces_each_pass:
+            assert self.run.data_parallel is not None
+            grads = _distributed.all_mean(done.grads, self.run.data_parallel.group)
+            done = Pass(grads, done.value)
+        return done
+
+    def losses(self, point: Params, batch: Batch) -> Any:
+        """``loss_fn``'s value at ``point`` without a gradient, on the first part's draws."""
+        with torch.no_grad(), RunningStatsGuard().held():
+            return self._replayed(0, lambda: self.loss_fn(point, batch))
+
+    def _replayed(self, index: int, fn: Callable[[], Any]) -> Any:
+        if self.replay is None:
+            return fn()
+        return _rng.replayed(self.replay[index], fn)
+
+    def _over_parts(self, params: Params, parts: list[Batch], note: bool) -> Pass:
+        if note:
+            self.replay = []
+        results = []
+        for index, part in enumerate(parts):
+            if note:
+                assert self.replay is not None
+                self.replay.append(_rng.capture(_tree.leaves(params)))
+                results.append(self.grad_fn(params, part))
+            else:
+                results.append(self._replayed(index, lambda: self.grad_fn(params, part)))  # noqa: B023
+        if len(results) == 1:
+            return Pass(*results[0])
+        grads = _batch.mean_trees([r[0] for r in results])
+        return Pass(grads, _batch.mean_values([r[1] for r in results], self.aux))
 
 
-def counted(policy_state: Any, full: bool) -> Any:
-    """The policy's counters after one more step (``full`` a Python bool)."""
-    if policy_state == ():
-        return policy_state
-    return policy_state._replace(
-        steps=policy_state.steps + 1, full_steps=policy_state.full_steps + int(full)
+# --- the method as data -----------------------------------------------------------------
+
+
+def pieces_of(method: Method) -> Pieces:
+    """The pieces a driver interprets: the method's own, or its ``grad`` as a whole."""
+    if not isinstance(method, Method):
+        raise TypeError(
+            "method must be a samfunc.Method (samfunc.sam(), gsam(), ... or "
+            f"Method(init, grad)), got {type(method).__name__}"
+        )
+    if method.pieces is not None:
+        return method.pieces
+    return Pieces(name=_name_of(method), ascent=None, combiner=IDENTITY, whole=method)
+
+
+def _name_of(method: Method) -> str:
+    name = getattr(method.grad, "__qualname__", None) or type(method.grad).__name__
+    return f"Method(grad={name})"
+
+
+def _no_state(params: Params) -> EmptyState:
+    del params
+    return EmptyState()
+
+
+def _first_gradient(
+    grads: PyTree, perturbed_grads: PyTree, state: OptState, params: Params
+) -> tuple[PyTree, OptState]:
+    del grads, params
+    return perturbed_grads, state
+
+
+#: The combiner of a method with nothing to combine: ``g_s`` on full steps, ``g`` otherwise.
+IDENTITY = Combiner(_no_state, _first_gradient, reads_first_gradient=False)
+
+
+def ascent_pieces(name: str, ascent: Any) -> Pieces:
+    """The pieces of a method that is an ascent alone (SAM's shape): ``g_s`` is its gradient."""
+    return Pieces(name, ascent, IDENTITY, ascent_takes_count=takes_count(ascent))
+
+
+def _counter() -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64)
+
+
+def is_whole(pieces: Pieces) -> bool:
+    """A bare method without a policy: its ``grad`` runs as it is, on its own state."""
+    return pieces.whole is not None and pieces.policy is None
+
+
+def init_state(pieces: Pieces, params: Params) -> Any:
+    """A method's first state (a bare method's own ``init`` for a whole one)."""
+    if pieces.whole is not None and pieces.policy is None:
+        return pieces.whole.init(params)
+    combine = pieces.whole.init(params) if pieces.whole is not None else None
+    return MethodState(
+        ascent=() if pieces.ascent is None else pieces.ascent.init(params),
+        combine=pieces.combiner.init(params) if combine is None else combine,
+        policy=() if pieces.policy is None else pieces.policy.init(params),
+        steps=_counter(),
+        full_steps=_counter(),
     )
 
 
-class MethodGrad:
-    """A method's ``grad``: the engine running one ascent and one combiner.
+def _two_pass(pieces: Pieces) -> bool:
+    return pieces.ascent is not None or pieces.whole is not None
 
-    Built by ``samfunc.sharpness_aware``; the ``SAM`` class reads its pieces.
 
-    Attributes:
-        ascent: the transform from ``g`` to ``e``.
-        combiner: how ``g`` and ``g_s`` become the method's gradient.
-        select_fraction: ESAM's data selection: the second pass runs on this
-            fraction of the samples with the largest ``loss(w + e) - loss(w)``
-            (``loss_fn`` returns per-sample losses); None for the whole batch.
-        name: the method's name, for error messages.
-        policy: which steps are full (both passes) and which cheap (one pass
-            at ``w``, the gradient from ``combiner.reuse``); None: all full.
+def kind_of_step(pieces: Pieces, state: MethodState) -> Optional[bool]:
+    """Whether the next step is full (True), cheap (False), or the gradient decides (None).
+
+    Read in Python from the clock (a CPU tensor: no device sync).
+    """
+    if not _two_pass(pieces):
+        return False
+    if pieces.policy is None:
+        return True
+    refuse_choice_under_compile(pieces.name)
+    return pieces.policy.plan(int(state.steps))
+
+
+def ascend(pieces: Pieces, grads: PyTree, state: MethodState, params: Params) -> tuple[Any, Any]:
+    """The ascent phase: ``(e, new ascent state)`` from ``g``, at the clock's count."""
+    assert pieces.ascent is not None
+    return update_with_count(
+        pieces.ascent, pieces.ascent_takes_count, grads, state.ascent, params, state.steps
+    )
+
+
+def combine(
+    pieces: Pieces, grads: PyTree, perturbed_grads: PyTree, state: MethodState, params: Params
+) -> tuple[PyTree, Any]:
+    """The combine phase of a full step: ``(gradient, new combiner state)``."""
+    return pieces.combiner.update(grads, perturbed_grads, state.combine, params)
+
+
+def reuse(pieces: Pieces, grads: PyTree, state: MethodState, point: Params) -> tuple[PyTree, Any]:
+    """A cheap or one-pass step's gradient from ``g``: ``combiner.reuse``, or ``g`` itself."""
+    if pieces.combiner.reuse is None:
+        return grads, state.combine
+    return pieces.combiner.reuse(grads, state.combine, point)
+
+
+def decide(pieces: Pieces, grads: PyTree, state: MethodState) -> tuple[torch.Tensor, Any]:
+    """A policy that reads the gradient: ``(full, new policy state)`` from ``||g||^2``."""
+    assert pieces.policy is not None and pieces.policy.decide is not None
+    return pieces.policy.decide(_tree.vdot(grads, grads), state.policy, state.steps)
+
+
+def advance(state: MethodState, full: bool) -> MethodState:
+    """The clock after one more update (``full`` a Python bool)."""
+    return state._replace(steps=state.steps + 1, full_steps=state.full_steps + int(full))
+
+
+def evaluation_point(pieces: Pieces, params: Params, state: MethodState) -> Params:
+    """Where a one-pass step takes its gradient: ``w``, or the method's ``point``."""
+    return params if pieces.point is None else pieces.point(params, state.combine)
+
+
+def reads_gradient(pieces: Pieces) -> bool:
+    """Whether the policy decides from the first pass's gradient (AE-SAM)."""
+    return pieces.policy is not None and pieces.policy.decide is not None
+
+
+# --- checks -----------------------------------------------------------------------------
+
+
+def _per_sample(pieces: Pieces) -> bool:
+    return pieces.select_fraction is not None
+
+
+def _aux(pieces: Pieces, run: RunOptions) -> bool:
+    return run.has_aux or _per_sample(pieces) or pieces.objective is not None
+
+
+def _checked(
+    pieces: Pieces, loss_fn: LossFn, params: Params, state: Any, run: RunOptions
+) -> LossFn:
+    """Checks the arguments; ``loss_fn`` wrapped to check its loss (and give ESAM's)."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    check_params(params)
+    check_state(pieces.name, state, MethodState)
+    if run.nonfinite == "raise":
+        refuse_raise_under_compile()
+    if _per_sample(pieces) and run.accum_steps > 1:
+        raise ValueError(
+            f"{pieces.name} ranks the samples of the whole batch, which accum_steps > 1 "
+            f"never sees at once; use num_chunks or no accumulation, got {run.accum_steps}"
+        )
+    if reads_gradient(pieces) and run.num_chunks > 1:
+        raise ValueError(
+            f"{pieces.name} decides each step from the whole batch's gradient, so it cannot "
+            f"cut the batch into chunks with their own ascents; got num_chunks={run.num_chunks}"
+        )
+    if reads_gradient(pieces) and run.local:
+        raise ValueError(
+            f"{pieces.name} decides each step from the whole batch's gradient, which "
+            "data_parallel mode 'local' never forms: use samfunc.data_parallel('global')"
+        )
+    if pieces.objective is not None and not run.has_aux:
+        raise ValueError(
+            f"{pieces.name} needs the model's outputs: pass has_aux=True with a loss_fn that "
+            "returns (loss, logits), or use make_module_train_step"
+        )
+    loss = checked_loss_fn(loss_fn, run.has_aux, _per_sample(pieces))
+    return _mean_of_samples(loss, run.has_aux) if _per_sample(pieces) else loss
+
+
+def _check(grads: PyTree, where: str, value: Any, run: RunOptions, aux: bool, now: bool) -> None:
+    # Data-parallel "local": one process's NaN must not raise on that process
+    # alone (the others would wait in the all-reduce): a pass not yet averaged
+    # over the processes is checked after the step's all-reduce instead.
+    if run.nonfinite == "raise" and (now or not run.local):
+        raise_if_nonfinite(grads, where, value[0] if aux else value)
+
+
+# --- one step ---------------------------------------------------------------------------
+
+
+def interpret(
+    pieces: Pieces,
+    loss_fn: LossFn,
+    params: Params,
+    batch: Any,
+    state: Any,
+    run: RunOptions,
+    full: Optional[bool] = None,
+) -> tuple[PyTree, Any, Any]:
+    """One step of the method: ``(grads, loss or (loss, aux), new_state)``.
+
+    ``full`` forces the kind of step (True: both passes; False: one pass at
+    ``w``, the gradient from ``combiner.reuse``); None lets the method's
+    policy choose (every step is full without one).
+    """
+    if is_whole(pieces):
+        assert pieces.whole is not None
+        return _call_whole(pieces.whole, loss_fn, params, batch, state, run)
+    loss = _checked(pieces, loss_fn, params, state, run)
+    passes = LossPasses(loss, run, _aux(pieces, run))
+    return run_step(pieces, passes, params, batch, state, full)
+
+
+def run_step(
+    pieces: Pieces,
+    passes: Any,
+    params: Params,
+    batch: Any,
+    state: MethodState,
+    full: Optional[bool] = None,
+) -> tuple[PyTree, Any, MethodState]:
+    """The step, phase by phase, over any ``passes`` (``LossPasses``, or ``samfunc.SAM``'s).
+
+    ``passes`` evaluates the gradient: ``first(point, batch, reduce)`` at
+    ``w`` (or a one-pass method's point), ``second(point, batch)`` at ``w + e``;
+    it carries ``run``, ``aux``, ``loss_fn`` and ``replay``.
+    """
+    run: RunOptions = passes.run
+    if full is None:
+        full = kind_of_step(pieces, state)
+    if full is None:
+        first = _first(pieces, passes, params, batch, state)
+        refuse_choice_under_compile(pieces.name)
+        return _finish(pieces, passes, params, batch, state, first, bool(first.full))
+    if not full or not _two_pass(pieces):
+        return _one_pass(pieces, passes, params, batch, state)
+    if run.num_chunks > 1:
+        grads, value, new_state = _chunked(pieces, passes.loss_fn, params, batch, state, run)
+    else:
+        first_pass = passes.first(params, batch, reduce=run.reduces_each_pass)
+        _check(first_pass.grads, FIRST_PASS, first_pass.value, run, passes.aux, False)
+        grads, value, new_state = _full(pieces, passes, params, batch, state, first_pass, True)
+    if run.local:
+        grads, value, new_state = _mean_of_processes(pieces, grads, value, new_state, run)
+    return grads, _reported(pieces, value, run.has_aux), advance(new_state, True)
+
+
+def first_phase(
+    pieces: Pieces, loss_fn: LossFn, params: Params, batch: Any, state: Any, run: RunOptions
+) -> FirstPass:
+    """The first pass and the policy's verdict on it (for a policy that reads ``g``)."""
+    if not reads_gradient(pieces):
+        raise TypeError(f"{pieces.name}'s policy does not read the gradient: call it whole")
+    loss = _checked(pieces, loss_fn, params, state, run)
+    return _first(pieces, LossPasses(loss, run, _aux(pieces, run)), params, batch, state)
+
+
+def finish_phase(
+    pieces: Pieces,
+    loss_fn: LossFn,
+    params: Params,
+    batch: Any,
+    state: Any,
+    first: FirstPass,
+    run: RunOptions,
+    full: bool,
+) -> tuple[PyTree, Any, MethodState]:
+    """The rest of the step after ``first_phase``: the full step if ``full``, else the cheap one."""
+    loss = _checked(pieces, loss_fn, params, state, run)
+    passes = LossPasses(loss, run, _aux(pieces, run), first.replay)
+    return _finish(pieces, passes, params, batch, state, first, full)
+
+
+def _first(
+    pieces: Pieces, passes: Any, params: Params, batch: Any, state: MethodState
+) -> FirstPass:
+    done = passes.first(params, batch, reduce=True)
+    _check(done.grads, FIRST_PASS, done.value, passes.run, passes.aux, True)
+    full, policy = decide(pieces, done.grads, state)
+    return FirstPass(done.grads, done.value, full, policy, passes.replay)
+
+
+def _finish(
+    pieces: Pieces,
+    passes: Any,
+    params: Params,
+    batch: Any,
+    state: MethodState,
+    first: FirstPass,
+    full: bool,
+) -> tuple[PyTree, Any, MethodState]:
+    state = state._replace(policy=first.policy)
+    if full:
+        done = Pass(first.grads, first.value)
+        grads, _, new_state = _full(pieces, passes, params, batch, state, done, True)
+    else:
+        grads, combine_state = reuse(pieces, first.grads, state, params)
+        new_state = state._replace(combine=combine_state)
+    return grads, _reported(pieces, first.value, passes.run.has_aux), advance(new_state, full)
+
+
+def _full(
+    pieces: Pieces,
+    passes: Any,
+    params: Params,
+    batch: Any,
+    state: MethodState,
+    first: Pass,
+    check: bool,
+) -> tuple[PyTree, Any, MethodState]:
+    """After the first pass: the ascent, the pass at ``w + e``, and the combiner."""
+    if pieces.whole is not None:  # a bare method given a policy: its own grad makes the step
+        grads, value, inner = _call_whole(
+            pieces.whole, passes.loss_fn, params, batch, state.combine, passes.run
+        )
+        return grads, value, state._replace(combine=inner)
+    e, ascent_state = ascend(pieces, first.grads, state, params)
+    perturbed = _tree.add_scaled(params, e, 1.0)
+    selected = batch
+    if pieces.select_fraction is not None:
+        selected = _sharpest(pieces.select_fraction, passes, perturbed, batch, first.value)
+    second = passes.second(perturbed, selected)
+    if check:
+        _check(second.grads, SECOND_PASS, second.value, passes.run, passes.aux, False)
+    out, combine_state = combine(pieces, first.grads, second.grads, state, params)
+    return out, first.value, state._replace(ascent=ascent_state, combine=combine_state)
+
+
+def _sharpest(
+    fraction: float, passes: Any, perturbed: Params, batch: Batch, first_value: Any
+) -> Batch:
+    """ESAM's data selection: the samples whose loss rose most from ``w`` to ``w + e``."""
+    before = first_value[1][0]
+    count = before.shape[0]
+    keep = max(1, int(count * fraction))
+    if keep >= count:
+        return batch
+    after = passes.losses(perturbed, batch)[1][0]
+    index = torch.topk(after - before, keep, sorted=False).indices
+    return _batch.select_samples(batch, index)
+
+
+def _one_pass(
+    pieces: Pieces, passes: Any, params: Params, batch: Any, state: MethodState
+) -> tuple[PyTree, Any, MethodState]:
+    """A step of one pass: a cheap step of a two-pass method, or a one-pass method's step."""
+    run: RunOptions = passes.run
+    combine_state = state.combine
+    if pieces.objective is not None:
+        loss_fn, combine_state = pieces.objective(passes.loss_fn, params, state)
+        passes = LossPasses(loss_fn, run, True)
+    point = evaluation_point(pieces, params, state)
+    done = passes.first(point, batch, reduce=True)
+    value = done.value
+    if pieces.objective is not None:
+        value = _objective_value(value[1], run)
+    _check(done.grads, ONE_PASS, value, run, True if pieces.objective else passes.aux, True)
+    grads, combine_state = reuse(pieces, done.grads, state._replace(combine=combine_state), point)
+    new_state = advance(state._replace(combine=combine_state), False)
+    return grads, _reported(pieces, value, run.has_aux), new_state
+
+
+def _objective_value(value: Any, run: RunOptions) -> Any:
+    """The loss an objective reports (not the objective), averaged over parts and processes."""
+    loss, aux = value
+    loss = loss.mean() if loss.ndim else loss
+    if run.data_parallel is not None:  # the pass averaged the objective, not this loss
+        loss = _distributed.all_mean(loss, run.data_parallel.group)
+    return loss, aux
+
+
+def _reported(pieces: Pieces, value: Any, has_aux: bool) -> Any:
+    """The loss (and aux) to return, without the per-sample losses kept for ESAM."""
+    if not _per_sample(pieces):
+        return value
+    loss, (_, aux) = value
+    return (loss, aux) if has_aux else loss
+
+
+def _chunked(
+    pieces: Pieces,
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    state: MethodState,
+    run: RunOptions,
+) -> tuple[PyTree, Any, MethodState]:
+    """m-sharpness: one ``e`` per chunk, the gradients averaged.
+
+    Each chunk starts from ``state``; the new state is the mean of the
+    chunks' floating-point states (for a moving average of gradients, the
+    average of the whole batch's gradient) and the first chunk's counters.
+    """
+    aux = _aux(pieces, run)
+    single = run._replace(num_chunks=1)
+
+    def one_chunk(chunk: Batch, check: bool) -> tuple[PyTree, Any, MethodState]:
+        passes = LossPasses(loss_fn, single, aux)
+        first = passes.first(params, chunk, reduce=False)
+        if check:
+            _check(first.grads, FIRST_PASS, first.value, run, aux, False)
+        return _full(pieces, passes, params, chunk, state, first, check)
+
+    if run.vectorize_chunks:
+        stacked, in_dims = _batch.stack_chunks(batch, run.num_chunks, "num_chunks")
+        grads, value, states = vmap(
+            lambda chunk: one_chunk(chunk, False), in_dims=(in_dims,), randomness="different"
+        )(stacked)
+        grads, value = _chunk_mean(grads, value, aux)
+        _check(grads, "either pass (in some chunk)", value, run, aux, False)
+    else:
+        results = [
+            one_chunk(chunk, True)
+            for chunk in _batch.split_batch(batch, run.num_chunks, "num_chunks")
+        ]
+        grads = _batch.mean_trees([result[0] for result in results])
+        value = _batch.mean_values([result[1] for result in results], aux)
+        states = _batch.stack_trees([result[2] for result in results])
+    return grads, value, _tree.tree_map(_merge_chunks, states)
+
+
+def _merge_chunks(stacked: torch.Tensor) -> torch.Tensor:
+    """One chunk-stacked state leaf back to one: the mean if floating, else the first."""
+    return stacked.mean(0) if stacked.is_floating_point() else stacked[0]
+
+
+def _mean_of_processes(
+    pieces: Pieces, grads: PyTree, value: Any, state: MethodState, run: RunOptions
+) -> tuple[PyTree, Any, MethodState]:
+    """Data-parallel ``"local"``: the step's results averaged over the processes.
+
+    The method's output, the loss and the state's floating-point leaves on
+    the gradient's device go in one all-reduce, as ``num_chunks`` averages
+    its chunks' results; so over ``P`` processes a step equals one process
+    with ``num_chunks=P`` on the concatenated batch. Leaves elsewhere (the
+    clock, on the CPU) agree on every process already.
+    """
+    assert run.data_parallel is not None
+    aux = _aux(pieces, run)
+    loss = value[0] if aux else value
+    device = _tree.leaves(grads)[0].device
+    leaves, spec = _tree.flatten(state)
+    shared = [i for i, leaf in enumerate(leaves) if getattr(leaf, "device", None) == device]
+    grads, loss, averaged = _distributed.mean_with_loss(
+        grads, loss, [leaves[i] for i in shared], run.data_parallel.group
+    )
+    for i, leaf in zip(shared, averaged):
+        leaves[i] = leaf
+    value = (loss, value[1]) if aux else loss
+    if run.nonfinite == "raise":
+        raise_if_nonfinite(grads, "either pass (on some process)", loss)
+    return grads, value, _tree.unflatten(leaves, spec)
+
+
+# --- a bare method ----------------------------------------------------------------------
+
+
+def _accepted_options(grad: Callable[..., Any]) -> Optional[frozenset[str]]:
+    """The keyword options a bare method's ``grad`` takes (None: any, it has ``**``)."""
+    try:
+        parameters = inspect.signature(grad).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters)
+
+
+def _call_whole(
+    method: Method, loss_fn: LossFn, params: Params, batch: Any, state: Any, run: RunOptions
+) -> tuple[PyTree, Any, Any]:
+    """A bare method's own ``grad``, given the options that differ from their defaults."""
+    defaults = RunOptions()
+    options = {
+        name: value for name, value in run._asdict().items() if value != getattr(defaults, name)
+    }
+    accepted = _accepted_options(method.grad)
+    if accepted is not None:
+        missing = sorted(set(options) - accepted)
+        if missing:
+            raise TypeError(
+                f"this driver runs the method with {missing[0]}={options[missing[0]]!r}, which "
+                f"its grad does not take (its parameters: {sorted(accepted)}): add "
+                f"{missing[0]} (or **options) to the grad's signature"
+            )
+    result = method.grad(loss_fn, params, batch, state, **options)
+    if not isinstance(result, tuple) or len(result) != 3:
+        raise TypeError(
+            "a method's grad must return (grads, loss, new_state), got "
+            f"{type(result).__name__}"
+            + (f" of length {len(result)}" if isinstance(result, tuple) else "")
+        )
+    return result
+
+
+# --- the built-in methods' grad ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Interpreted:
+    """A method's ``grad`` and ``init``: the interpreter running its ``pieces``.
+
+    Plain data (it pickles when the pieces do), so a method object travels
+    with ``pickle``, ``copy.deepcopy`` and ``torch.save``.
     """
 
-    def __init__(
-        self,
-        ascent: GradientTransformation,
-        combiner: Combiner,
-        select_fraction: Optional[float] = None,
-        name: str = "sharpness_aware",
-        uses_first_gradient: bool = True,
-        policy: Optional[StepPolicy] = None,
-    ) -> None:
-        self.ascent = ascent
-        self.combiner = combiner
-        self.select_fraction = select_fraction
-        self.name = name
-        self.policy = policy
-        #: Whether the combiner reads ``g`` (the ``SAM`` class then keeps a copy).
-        self.uses_first_gradient = uses_first_gradient
+    pieces: Pieces
 
-    @property
-    def per_sample(self) -> bool:
-        """Whether ``loss_fn`` must return one loss per sample."""
-        return self.select_fraction is not None
-
-    def init(self, params: Params) -> MethodState:
+    def init(self, params: Params) -> Any:
         """The method's first state."""
-        policy = () if self.policy is None else self.policy.init(params)
-        return MethodState(self.ascent.init(params), self.combiner.init(params), policy)
-
-    @property
-    def reads_gradient(self) -> bool:
-        """Whether the policy decides from the first pass's gradient (AE-SAM)."""
-        return self.policy is not None and self.policy.decide is not None
+        return init_state(self.pieces, params)
 
     def __call__(
         self,
@@ -339,367 +868,13 @@ class MethodGrad:
         *,
         full: Optional[bool] = None,
         **options: Unpack[EngineOptions],
-    ) -> tuple[PyTree, Any, MethodState]:
+    ) -> tuple[PyTree, Any, Any]:
         """``(grads, loss, new_state)``; ``(grads, (loss, aux), new_state)`` with ``has_aux``.
 
         ``full`` forces the kind of step (True: both passes; False: one pass at
         ``w``, the gradient from the combiner's ``reuse``); None lets the
         method's policy choose (every step is full without one).
         """
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if full is not None:
             full = check_bool("full", full)
-        return self.run(loss_fn, params, batch, state, run_options(options), full)
-
-    def _checked(self, loss_fn: LossFn, params: Params, state: OptState, run: RunOptions) -> LossFn:
-        """Checks the arguments; ``loss_fn`` wrapped to check its loss (and give ESAM's)."""
-        check_params(params)
-        check_state(self.name, state, MethodState)
-        if run.nonfinite == "raise":
-            refuse_raise_under_compile()
-        if self.per_sample and run.accum_steps > 1:
-            raise ValueError(
-                f"{self.name} ranks the samples of the whole batch, which accum_steps > 1 "
-                f"never sees at once; use num_chunks or no accumulation, got {run.accum_steps}"
-            )
-        if self.reads_gradient and run.num_chunks > 1:
-            raise ValueError(
-                f"{self.name} decides each step from the whole batch's gradient, so it cannot "
-                f"cut the batch into chunks with their own ascents; got num_chunks={run.num_chunks}"
-            )
-        if self.reads_gradient and run.local:
-            raise ValueError(
-                f"{self.name} decides each step from the whole batch's gradient, which "
-                "data_parallel mode 'local' never forms: use samfunc.data_parallel('global')"
-            )
-        if self.policy is not None and state.policy == ():
-            raise ValueError(
-                f"{self.name} has a step policy, but the state has none: build the state with "
-                "this method's init(params)"
-            )
-        loss = checked_loss_fn(loss_fn, run.has_aux, self.per_sample)
-        return _mean_of_samples(loss, run.has_aux) if self.per_sample else loss
-
-    def run(
-        self,
-        loss_fn: LossFn,
-        params: Params,
-        batch: Any,
-        state: OptState,
-        run: RunOptions,
-        full: Optional[bool] = None,
-    ) -> tuple[PyTree, Any, MethodState]:
-        """``__call__`` with options checked beforehand (the train steps call this)."""
-        loss = self._checked(loss_fn, params, state, run)
-        if self.reads_gradient:
-            with _rng.RNG_LOCK if run.reuse_rng else contextlib.nullcontext():
-                first = self._first(loss, params, batch, state, run)
-                if full is None:
-                    refuse_choice_under_compile(self.name)
-                    full = bool(first.full)
-                return self._finish(loss, params, batch, state, first, run, full)
-        if full is None:
-            full = self.planned(state)
-        if not full:
-            grads, value, new_state = self._cheap(loss, params, batch, state, run)
-        elif run.num_chunks > 1:
-            grads, value, new_state = self._chunked(loss, params, batch, state, run)
-        elif run.accum_steps > 1:
-            grads, value, new_state = self._accumulated(loss, params, batch, state, run)
-        else:
-            grads, value, new_state = self._single(loss, params, batch, state, run, check=True)
-        if full and run.local:
-            grads, value, new_state = self._mean_of_processes(grads, value, new_state, run)
-        new_state = new_state._replace(policy=counted(new_state.policy, full))
-        return grads, self._reported(value, run.has_aux), new_state
-
-    def _mean_of_processes(
-        self, grads: PyTree, value: Any, state: MethodState, run: RunOptions
-    ) -> tuple[PyTree, Any, MethodState]:
-        """Data-parallel ``"local"``: the step's results averaged over the processes.
-
-        The method's output, the loss and the state's floating-point leaves on
-        the gradient's device go in one all-reduce, as ``num_chunks`` averages
-        its chunks' results; so over ``P`` processes a step equals one process
-        with ``num_chunks=P`` on the concatenated batch. Leaves elsewhere (a
-        policy's CPU counters and statistics) agree on every process already.
-        """
-        assert run.data_parallel is not None
-        aux = run.has_aux or self.per_sample
-        loss = value[0] if aux else value
-        device = _tree.leaves(grads)[0].device
-        leaves, spec = _tree.flatten(state)
-        shared = [i for i, leaf in enumerate(leaves) if getattr(leaf, "device", None) == device]
-        grads, loss, averaged = _distributed.mean_with_loss(
-            grads, loss, [leaves[i] for i in shared], run.data_parallel.group
-        )
-        for i, leaf in zip(shared, averaged):
-            leaves[i] = leaf
-        value = (loss, value[1]) if aux else loss
-        if run.nonfinite == "raise":
-            raise_if_nonfinite(grads, "either pass (on some process)", loss)
-        return grads, value, _tree.unflatten(leaves, spec)
-
-    def planned(self, state: MethodState) -> bool:
-        """Whether the policy makes this step full, read (in Python) from ``state``."""
-        if self.policy is None:
-            return True
-        refuse_choice_under_compile(self.name)
-        planned = self.policy.plan(int(state.policy.steps))
-        assert planned is not None, "a policy that reads the gradient goes through first()"
-        return planned
-
-    def first(
-        self, loss_fn: LossFn, params: Params, batch: Any, state: OptState, run: RunOptions
-    ) -> FirstPass:
-        """The first pass and the policy's verdict on it (for a policy that reads ``g``)."""
-        if not self.reads_gradient:
-            raise TypeError(f"{self.name}'s policy does not read the gradient: call it whole")
-        return self._first(self._checked(loss_fn, params, state, run), params, batch, state, run)
-
-    def finish(
-        self,
-        loss_fn: LossFn,
-        params: Params,
-        batch: Any,
-        state: OptState,
-        first: FirstPass,
-        run: RunOptions,
-        full: bool,
-    ) -> tuple[PyTree, Any, MethodState]:
-        """The rest of the step after ``first``: the full step if ``full``, else the cheap one."""
-        loss = self._checked(loss_fn, params, state, run)
-        return self._finish(loss, params, batch, state, first, run, full)
-
-    def _first(
-        self, loss_fn: LossFn, params: Params, batch: Any, state: MethodState, run: RunOptions
-    ) -> FirstPass:
-        assert self.policy is not None and self.policy.decide is not None
-        aux = run.has_aux or self.per_sample
-        grads, value = one_pass(self._grad_fn(loss_fn, run), params, batch, run, aux)
-        self._check(grads, FIRST_PASS, value, run, averaged=True)
-        full, policy = self.policy.decide(_tree.vdot(grads, grads), state.policy)
-        return FirstPass(grads, value, full, policy)
-
-    def _finish(
-        self,
-        loss_fn: LossFn,
-        params: Params,
-        batch: Any,
-        state: MethodState,
-        first: FirstPass,
-        run: RunOptions,
-        full: bool,
-    ) -> tuple[PyTree, Any, MethodState]:
-        state = state._replace(policy=first.policy)
-        done = Pass(first.grads, first.value)
-        if not full:
-            grads, new_state = self.reuse(done.grads, state, params)
-        elif run.accum_steps > 1:
-            parts = _batch.split_batch(batch, run.accum_steps, "accum_steps")
-            grads, _, new_state = self._second_accumulated(loss_fn, params, parts, state, done, run)
-        else:
-            grad_fn = self._grad_fn(loss_fn, run)
-            grads, _, new_state = self._second(
-                loss_fn, grad_fn, params, batch, state, done, run, None, True
-            )
-        new_state = new_state._replace(policy=counted(new_state.policy, full))
-        return grads, self._reported(first.value, run.has_aux), new_state
-
-    def reuse(
-        self, grads: PyTree, state: MethodState, params: Params
-    ) -> tuple[PyTree, MethodState]:
-        """A cheap step's gradient from ``g``: the combiner's ``reuse``, or ``g`` itself."""
-        if self.combiner.reuse is None:
-            return grads, state
-        out, combine_state = self.combiner.reuse(grads, state.combine, params)
-        return out, state._replace(combine=combine_state)
-
-    def _cheap(
-        self, loss_fn: LossFn, params: Params, batch: Any, state: MethodState, run: RunOptions
-    ) -> tuple[PyTree, Any, MethodState]:
-        """One pass at ``w`` and the combiner's ``reuse``: a cheap step."""
-        aux = run.has_aux or self.per_sample
-        grads, value = one_pass(self._grad_fn(loss_fn, run), params, batch, run, aux)
-        self._check(grads, ONE_PASS, value, run, averaged=True)
-        out, new_state = self.reuse(grads, state, params)
-        return out, value, new_state
-
-    def _reported(self, value: Any, has_aux: bool) -> Any:
-        """The loss (and aux) to return, without the per-sample losses kept for ESAM."""
-        if not self.per_sample:
-            return value
-        loss, (_, aux) = value
-        return (loss, aux) if has_aux else loss
-
-    @staticmethod
-    def _process_mean(grads: PyTree, run: RunOptions) -> PyTree:
-        assert run.data_parallel is not None
-        return _distributed.all_mean(grads, run.data_parallel.group)
-
-    def _grad_fn(self, loss_fn: LossFn, run: RunOptions) -> Callable[..., tuple[PyTree, Any]]:
-        return grad_and_value(loss_fn, has_aux=run.has_aux or self.per_sample)
-
-    def _check(
-        self, grads: PyTree, where: str, value: Any, run: RunOptions, averaged: bool = False
-    ) -> None:
-        # Data-parallel "local": one process's NaN must not raise on that process
-        # alone (the others would wait in the all-reduce): a pass not yet averaged
-        # over the processes is checked after the step's all-reduce instead.
-        if run.nonfinite == "raise" and (averaged or not run.local):
-            loss = value[0] if run.has_aux or self.per_sample else value
-            raise_if_nonfinite(grads, where, loss)
-
-    def _single(
-        self,
-        loss_fn: LossFn,
-        params: Params,
-        batch: Batch,
-        state: MethodState,
-        run: RunOptions,
-        check: bool,
-    ) -> tuple[PyTree, Any, MethodState]:
-        """Both passes on one batch (or one chunk: ``check`` False inside vmap)."""
-        grad_fn = self._grad_fn(loss_fn, run)
-        with _rng.RNG_LOCK if run.reuse_rng else contextlib.nullcontext():
-            replay = _rng.capture(_tree.leaves(params)) if run.reuse_rng else None
-            first = Pass(*grad_fn(params, batch))
-            if run.reduces_each_pass:
-                first = mean_pass(first, run.data_parallel, run.has_aux or self.per_sample)
-            if check:
-                self._check(first.grads, FIRST_PASS, first.value, run)
-            return self._second(loss_fn, grad_fn, params, batch, state, first, run, replay, check)
-
-    def _second(
-        self,
-        loss_fn: LossFn,
-        grad_fn: Callable[..., tuple[PyTree, Any]],
-        params: Params,
-        batch: Batch,
-        state: MethodState,
-        first: Pass,
-        run: RunOptions,
-        replay: Optional[_rng.RngStates],
-        check: bool,
-    ) -> tuple[PyTree, Any, MethodState]:
-        """The ascent from ``g``, the pass at ``w + e``, and the combiner."""
-        e, ascent_state = self.ascent.update(first.grads, state.ascent, params)
-        perturbed = _tree.add_scaled(params, e, 1.0)
-        second = self._second_pass(loss_fn, grad_fn, perturbed, batch, first.value, replay)
-        if run.reduces_each_pass:
-            second = Pass(self._process_mean(second.grads, run), second.value)
-        if check:
-            self._check(second.grads, SECOND_PASS, second.value, run)
-        out, combine_state = self.combiner.update(first.grads, second.grads, state.combine, params)
-        return out, first.value, state._replace(ascent=ascent_state, combine=combine_state)
-
-    def _second_pass(
-        self,
-        loss_fn: LossFn,
-        grad_fn: Callable[..., tuple[PyTree, Any]],
-        perturbed: Params,
-        batch: Batch,
-        first_value: Any,
-        replay: Optional[_rng.RngStates],
-    ) -> Pass:
-        """The pass at ``w + e``, on the first pass's random draws with ``replay``."""
-
-        def at(fn: Callable[[], Any]) -> Any:
-            return fn() if replay is None else _rng.replayed(replay, fn)
-
-        selected = batch
-        if self.select_fraction is not None:
-            selected = self._sharpest(loss_fn, perturbed, batch, first_value, at)
-        return Pass(*at(lambda: grad_fn(perturbed, selected)))
-
-    def _sharpest(
-        self,
-        loss_fn: LossFn,
-        perturbed: Params,
-        batch: Batch,
-        first_value: Any,
-        at: Callable[[Callable[[], Any]], Any],
-    ) -> Batch:
-        """ESAM's data selection: the samples whose loss rose most from ``w`` to ``w + e``."""
-        assert self.select_fraction is not None
-        before = first_value[1][0]
-        count = before.shape[0]
-        keep = max(1, int(count * self.select_fraction))
-        if keep >= count:
-            return batch
-        with torch.no_grad():
-            after = at(lambda: loss_fn(perturbed, batch))[1][0]
-        index = torch.topk(after - before, keep, sorted=False).indices
-        return _batch.select_samples(batch, index)
-
-    def _accumulated(
-        self, loss_fn: LossFn, params: Params, batch: Batch, state: MethodState, run: RunOptions
-    ) -> tuple[PyTree, Any, MethodState]:
-        """Both gradients accumulated over micro-batches, one micro-batch alive at a time."""
-        parts = _batch.split_batch(batch, run.accum_steps, "accum_steps")
-        grad_fn = self._grad_fn(loss_fn, run)
-        aux = run.has_aux or self.per_sample
-        grads, values = _batch.accumulate(grad_fn, params, parts)
-        first = Pass(grads, _batch.mean_values(values, aux))
-        if run.reduces_each_pass:
-            first = mean_pass(first, run.data_parallel, aux)
-        self._check(first.grads, FIRST_PASS, first.value, run)
-        return self._second_accumulated(loss_fn, params, parts, state, first, run)
-
-    def _second_accumulated(
-        self,
-        loss_fn: LossFn,
-        params: Params,
-        parts: list[Batch],
-        state: MethodState,
-        first: Pass,
-        run: RunOptions,
-    ) -> tuple[PyTree, Any, MethodState]:
-        """The ascent, the second pass accumulated over ``parts``, and the combiner."""
-        grad_fn = self._grad_fn(loss_fn, run)
-        e, ascent_state = self.ascent.update(first.grads, state.ascent, params)
-        perturbed = _tree.add_scaled(params, e, 1.0)
-        sam_grads, perturbed_values = _batch.accumulate(grad_fn, perturbed, parts)
-        if run.reduces_each_pass:
-            sam_grads = self._process_mean(sam_grads, run)
-        aux = run.has_aux or self.per_sample
-        self._check(sam_grads, SECOND_PASS, _batch.mean_values(perturbed_values, aux), run)
-        out, combine_state = self.combiner.update(first.grads, sam_grads, state.combine, params)
-        return out, first.value, state._replace(ascent=ascent_state, combine=combine_state)
-
-    def _chunked(
-        self, loss_fn: LossFn, params: Params, batch: Batch, state: MethodState, run: RunOptions
-    ) -> tuple[PyTree, Any, MethodState]:
-        """m-sharpness: one ``e`` per chunk, the gradients averaged.
-
-        Each chunk starts from ``state``; the new state is the mean of the
-        chunks' floating-point states (for a moving average of gradients, the
-        average of the whole batch's gradient) and the first chunk's counters.
-        """
-        aux = run.has_aux or self.per_sample
-        if run.vectorize_chunks:
-            stacked, in_dims = _batch.stack_chunks(batch, run.num_chunks, "num_chunks")
-
-            def one_chunk(chunk: Batch) -> tuple[PyTree, Any, MethodState]:
-                return self._single(loss_fn, params, chunk, state, run, check=False)
-
-            grads, value, states = vmap(one_chunk, in_dims=(in_dims,), randomness="different")(
-                stacked
-            )
-            grads, value = _chunk_mean(grads, value, aux)
-            self._check(grads, "either pass (in some chunk)", value, run)
-        else:
-            results = [
-                self._single(loss_fn, params, chunk, state, run, check=True)
-                for chunk in _batch.split_batch(batch, run.num_chunks, "num_chunks")
-            ]
-            grads = _batch.mean_trees([result[0] for result in results])
-            value = _batch.mean_values([result[1] for result in results], aux)
-            states = _batch.stack_trees([result[2] for result in results])
-        return grads, value, _tree.tree_map(_merge_chunks, states)
-
-
-def _merge_chunks(stacked: torch.Tensor) -> torch.Tensor:
-    """One chunk-stacked state leaf back to one: the mean if floating, else the first."""
-    return stacked.mean(0) if stacked.is_floating_point() else stacked[0]
+        return interpret(self.pieces, loss_fn, params, batch, state, run_options(options), full)

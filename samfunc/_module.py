@@ -41,6 +41,7 @@ __all__ = [
     "disable_running_stats",
     "enable_running_stats",
     "frozen_running_stats",
+    "RunningStatsGuard",
 ]
 
 Tensors = dict[str, torch.Tensor]
@@ -237,3 +238,90 @@ def frozen_running_stats(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         enable_running_stats(model)
+
+
+class RunningStatsGuard:
+    """Keeps BatchNorm running statistics from changing between ``start()`` and ``stop()``.
+
+    SAM's rule is that running statistics come from the first pass only. The
+    second pass (at ``w + e``) runs the same modules in training mode, which
+    would update them again. While started, a global forward pre-hook notes
+    the running statistics of every normalization module with
+    ``track_running_stats`` in training mode the first time it runs;
+    ``stop()`` puts them back. The interpreter wraps every second pass in one
+    (in eager mode, outside function transforms; a compiled module step
+    threads its buffers functionally instead), and ``samfunc.SAM`` holds one
+    from ``first_step`` to ``second_step``, so ``step(closure)``, the seed's
+    two-step loop and ``sam_grad`` over ``functional_call`` all count one
+    update per step.
+
+    Examples:
+        >>> import torch
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> guard = RunningStatsGuard()
+        >>> guard.start()
+        >>> _ = bn(torch.randn(4, 2))
+        >>> guard.stop()
+        >>> int(bn.num_batches_tracked)
+        0
+    """
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+        self._saved: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether the guard is started."""
+        return self._handle is not None
+
+    def start(self) -> None:
+        """Starts watching (no-op inside ``torch.compile`` or a function transform)."""
+        if self._handle is not None or not _can_guard():
+            return
+        self._saved = {}
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._note)
+
+    def _note(self, module: torch.nn.Module, args: Any) -> None:
+        del args
+        if not isinstance(module, _NormBase) or not module.training:
+            return
+        if not module.track_running_stats or id(module) in self._saved:
+            return
+        buffers = [
+            b
+            for b in (module.running_mean, module.running_var, module.num_batches_tracked)
+            if isinstance(b, torch.Tensor)
+        ]
+        with torch.no_grad():
+            self._saved[id(module)] = (buffers, [b.clone() for b in buffers])
+
+    def stop(self) -> None:
+        """Stops watching and puts back what the watched modules' forwards changed."""
+        if self._handle is None:
+            return
+        self._handle.remove()
+        self._handle = None
+        with torch.no_grad():
+            for buffers, saved in self._saved.values():
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
+        self._saved = {}
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """``start()`` on entry, ``stop()`` on exit (also on an error)."""
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop()
+
+
+_NormBase = torch.nn.modules.batchnorm._NormBase
+
+
+def _can_guard() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.maybe_current_level() is None

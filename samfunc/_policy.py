@@ -16,9 +16,10 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 
@@ -27,35 +28,26 @@ from ._base import Params, Schedule, StepPolicy
 from ._validate import check_in_interval, check_number, check_positive_int
 
 __all__ = [
-    "PolicyState",
     "SharpStepsState",
     "every_n_steps",
     "from_step",
     "sharp_steps",
-    "policy_counters",
     "full_step_fraction",
 ]
 
 
-class PolicyState(NamedTuple):
-    """The counters every policy keeps (on the CPU, so reading them costs no device sync).
-
-    Attributes:
-        steps: steps taken.
-        full_steps: how many of them were full steps.
-    """
-
-    steps: torch.Tensor
-    full_steps: torch.Tensor
-
-
-def _counter() -> torch.Tensor:
-    return torch.zeros((), dtype=torch.int64)
-
-
-def _counters_init(params: Params) -> PolicyState:
+def _no_state(params: Params) -> tuple[()]:
     del params
-    return PolicyState(_counter(), _counter())
+    return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _EveryNSteps:
+    n: int
+    offset: int
+
+    def plan(self, count: int) -> bool:
+        return count % self.n == self.offset
 
 
 def every_n_steps(n: int, offset: int = 0) -> StepPolicy:
@@ -63,7 +55,8 @@ def every_n_steps(n: int, offset: int = 0) -> StepPolicy:
 
     With ``offset=0`` (LookSAM's ``k``) step 0 is full. MosaicML Composer's
     SAM ``interval`` runs SAM on the last step of each interval, which is
-    ``offset=n - 1``. ``n=1`` is every step.
+    ``offset=n - 1``. ``n=1`` is every step. Steps are counted by the one
+    clock, the number of updates applied (``MethodState.steps``).
 
     Examples:
         >>> import samfunc
@@ -74,11 +67,15 @@ def every_n_steps(n: int, offset: int = 0) -> StepPolicy:
     n = check_positive_int("n", n)
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < n:
         raise ValueError(f"offset must be an int in [0, n) = [0, {n}), got {offset!r}")
+    return StepPolicy(_no_state, _EveryNSteps(n, offset).plan, name=f"every_n_steps({n})")
 
-    def plan(count: int) -> bool:
-        return count % n == offset
 
-    return StepPolicy(_counters_init, plan, name=f"every_n_steps({n})")
+@dataclasses.dataclass(frozen=True)
+class _FromStep:
+    start: int
+
+    def plan(self, count: int) -> bool:
+        return count >= self.start
 
 
 def from_step(start: int) -> StepPolicy:
@@ -95,25 +92,18 @@ def from_step(start: int) -> StepPolicy:
     """
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise ValueError(f"start must be an int >= 0, got {start!r}")
-
-    def plan(count: int) -> bool:
-        return count >= start
-
-    return StepPolicy(_counters_init, plan, name=f"from_step({start})")
+    return StepPolicy(_no_state, _FromStep(start).plan, name=f"from_step({start})")
 
 
 class SharpStepsState(NamedTuple):
-    """AE-SAM's policy state: the counters and the running statistics of ``||g||^2``.
+    """AE-SAM's policy state: the running statistics of ``||g||^2``.
 
     Attributes:
-        steps: steps taken.
-        full_steps: how many were full (SAM) steps.
-        mean: the running mean of ``||g||^2`` (float32, on the gradient's device).
+        mean: the running mean of ``||g||^2`` (float32, or float64 for float64
+            params, on the gradient's device).
         variance: its running variance.
     """
 
-    steps: torch.Tensor
-    full_steps: torch.Tensor
     mean: torch.Tensor
     variance: torch.Tensor
 
@@ -121,6 +111,32 @@ class SharpStepsState(NamedTuple):
 #: AE-SAM's starting statistics (mean 0, variance e^-10).
 MEAN_INIT = 0.0
 VARIANCE_INIT = math.exp(-10.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SharpSteps:
+    c: Union[float, Schedule]
+    delta: float
+
+    def init(self, params: Params) -> SharpStepsState:
+        leaves = _tree.leaves(params)
+        dtype = torch.float64 if any(leaf.dtype == torch.float64 for leaf in leaves) else None
+        device = leaves[0].device if leaves else None
+        stat = partial(torch.full, (), dtype=dtype or torch.float32, device=device)
+        return SharpStepsState(stat(MEAN_INIT), stat(VARIANCE_INIT))
+
+    def plan(self, count: int) -> None:
+        del count
+
+    def decide(
+        self, sq_norm: torch.Tensor, state: Any, count: torch.Tensor
+    ) -> tuple[torch.Tensor, SharpStepsState]:
+        sq_norm = sq_norm.to(state.mean.dtype)
+        mean = self.delta * state.mean + (1.0 - self.delta) * sq_norm
+        variance = self.delta * state.variance + (1.0 - self.delta) * (sq_norm - mean) ** 2
+        threshold = self.c(count) if callable(self.c) else self.c
+        full = sq_norm >= mean + threshold * variance.sqrt()
+        return full, SharpStepsState(mean, variance)
 
 
 def sharp_steps(c: Union[float, Schedule] = 0.0, delta: float = 0.9) -> StepPolicy:
@@ -137,50 +153,28 @@ def sharp_steps(c: Union[float, Schedule] = 0.0, delta: float = 0.9) -> StepPoli
 
     Args:
         c: the threshold in standard deviations: a float, or a schedule of the
-            step count. The paper moves it linearly over training,
-            ``samfunc.linear_schedule(1.0, -1.0, total_steps)`` (lambda2 = 1 to
-            lambda1 = -1), so full steps grow more frequent late in training.
-            Smaller ``c``, more full steps (``c = 0``: about half of them).
+            step count (the updates applied). The paper moves it linearly over
+            training, ``samfunc.linear_schedule(1.0, -1.0, total_steps)``
+            (lambda2 = 1 to lambda1 = -1), so full steps grow more frequent
+            late in training. Smaller ``c``, more full steps (``c = 0``: about
+            half of them).
         delta: the moving averages' coefficient.
 
     Examples:
         >>> import samfunc
         >>> policy = samfunc.sharp_steps(c=0.0, delta=0.9)
     """
-    c = check_c(c)
-    delta = check_in_interval("delta", delta, 0.0, 1.0)
-
-    def init(params: Params) -> SharpStepsState:
-        leaves = _tree.leaves(params)
-        dtype = torch.float64 if any(leaf.dtype == torch.float64 for leaf in leaves) else None
-        device = leaves[0].device if leaves else None
-        stat = partial(torch.full, (), dtype=dtype or torch.float32, device=device)
-        return SharpStepsState(_counter(), _counter(), stat(MEAN_INIT), stat(VARIANCE_INIT))
-
-    def plan(steps: int) -> None:
-        del steps
-
-    def decide(sq_norm: torch.Tensor, state: Any) -> tuple[torch.Tensor, SharpStepsState]:
-        sq_norm = sq_norm.to(state.mean.dtype)
-        mean = delta * state.mean + (1.0 - delta) * sq_norm
-        variance = delta * state.variance + (1.0 - delta) * (sq_norm - mean) ** 2
-        threshold = c(state.steps) if callable(c) else c
-        full = sq_norm >= mean + threshold * variance.sqrt()
-        return full, state._replace(mean=mean, variance=variance)
-
-    return StepPolicy(init, plan, decide, name="sharp_steps")
+    built = _SharpSteps(check_c(c), check_in_interval("delta", delta, 0.0, 1.0))
+    return StepPolicy(built.init, built.plan, built.decide, name="sharp_steps")
 
 
-def policy_counters(method_state: Any) -> Optional[PolicyState]:
-    """The ``steps`` and ``full_steps`` of a method state's policy, or None if it has none."""
-    policy: Any = getattr(method_state, "policy", None)
-    if not hasattr(policy, "full_steps"):
-        return None
-    return PolicyState(policy.steps, policy.full_steps)
+def full_step_fraction(state: Any) -> float:
+    """The fraction of the updates so far that took the full step (both passes).
 
-
-def full_step_fraction(method_state: Any) -> float:
-    """The fraction of the steps so far that were full (1.0 for a method without a policy).
+    Takes a method state, a ``TrainState`` (its ``method_state``) or a
+    ``samfunc.SAM`` optimizer (its ``method_state``). A method without a
+    policy takes the full step every time (1.0 once it has stepped); NaN
+    before the first update. A one-pass method (Momentum-SAM, MESA) never does (0.0).
 
     Examples:
         >>> import torch
@@ -189,11 +183,17 @@ def full_step_fraction(method_state: Any) -> float:
         >>> samfunc.full_step_fraction(method.init({"w": torch.ones(2)}))
         nan
     """
-    counters = policy_counters(method_state)
-    if counters is None:
-        return 1.0
-    count = int(counters.steps)
-    return float("nan") if count == 0 else int(counters.full_steps) / count
+    method_state = getattr(state, "method_state", state)
+    count = getattr(method_state, "steps", None)
+    full_steps = getattr(method_state, "full_steps", None)
+    if not isinstance(count, torch.Tensor) or not isinstance(full_steps, torch.Tensor):
+        raise TypeError(
+            "full_step_fraction takes the state of a method built from pieces (samfunc.sam(), "
+            "looksam(), ...), a TrainState or a samfunc.SAM holding one, got "
+            f"{type(method_state).__name__}"
+        )
+    steps = int(count)
+    return float("nan") if steps == 0 else int(full_steps) / steps
 
 
 def check_c(c: Any) -> Union[float, Schedule]:

@@ -47,9 +47,9 @@ from ._base import (
     SamOptions,
 )
 from ._engine import run_options
-from ._methods import sam
 from ._tree import PyTree
 from ._validate import check_bool, check_rho
+from .methods.sam import sam
 
 __all__ = [
     "SamGradOptions",

@@ -37,6 +37,7 @@ __all__ = [
     "tree_map",
     "key_paths",
     "check_same_structure",
+    "first_difference",
     "check_same_shapes",
     "check_detached",
     "find_leaf",
@@ -137,7 +138,7 @@ def _spec_difference(
     return None
 
 
-def _first_difference(a: PyTree, b: PyTree, names: tuple[str, str]) -> str | None:
+def first_difference(a: PyTree, b: PyTree, names: tuple[str, str]) -> str | None:
     """Describes the first key path where the structures of ``a`` and ``b`` differ."""
     a_spec, b_spec = pytree.tree_structure(a), pytree.tree_structure(b)
     if a_spec == b_spec:
@@ -154,7 +155,7 @@ def check_same_structure(
         >>> import torch
         >>> check_same_structure({"a": torch.ones(1)}, {"a": torch.ones(1)}, "params", "grads")
     """
-    where = _first_difference(reference, other, (reference_name, other_name))
+    where = first_difference(reference, other, (reference_name, other_name))
     if where is not None:
         raise ValueError(
             f"{other_name} must have the same tree structure as {reference_name}; "

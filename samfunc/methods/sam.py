@@ -24,20 +24,21 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 from typing_extensions import Unpack
 
-from . import _tree
-from ._ascent import (
+from .. import _tree
+from .._ascent import (
     average_gradients,
     random_leaf_subset,
     sam_ascent,
     subtract_momentum,
 )
-from ._base import (
+from .._base import (
     Combiner,
     EmptyState,
     GradientTransformation,
@@ -45,18 +46,21 @@ from ._base import (
     OptState,
     Params,
     PerturbationOptions,
+    Pieces,
     Rho,
     Schedule,
     StepPolicy,
     Updates,
 )
-from ._combine import chain
-from ._engine import MethodGrad
-from ._transform import scale
-from ._validate import check_fraction, check_in_interval, check_nonnegative, check_number
+from .._combine import chain, takes_count
+from .._engine import Interpreted, pieces_of, reads_gradient
+from .._transform import scale
+from .._validate import check_fraction, check_in_interval, check_nonnegative, check_number
 
 __all__ = [
     "sharpness_aware",
+    "method_from",
+    "plain_gradient",
     "with_policy",
     "perturbed_gradient",
     "surrogate_gap_decomposition",
@@ -80,16 +84,38 @@ def _empty_init(params: Params) -> EmptyState:
     return EmptyState()
 
 
+def _perturbed(
+    grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
+) -> tuple[Updates, OptState]:
+    del grads, params
+    return perturbed_grads, state
+
+
 def perturbed_gradient() -> Combiner:
     """Plain SAM's combiner: the method's gradient is ``g_s``, the one at ``w + e``."""
+    return Combiner(_empty_init, _perturbed, reads_first_gradient=False)
 
-    def update(
-        grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
-    ) -> tuple[Updates, OptState]:
-        del grads, params
-        return perturbed_grads, state
 
-    return Combiner(_empty_init, update)
+def method_from(pieces: Pieces) -> Method:
+    """The ``Method`` that runs ``pieces`` through the interpreter."""
+    interpreted = Interpreted(pieces)
+    return Method(interpreted.init, interpreted, pieces)
+
+
+def plain_gradient() -> Method:
+    """The plain gradient as a method: one pass at ``w`` (the train steps' ``sam=False``).
+
+    Examples:
+        >>> import torch
+        >>> method = plain_gradient()
+        >>> params = {"w": torch.ones(2)}
+        >>> grads, loss, state = method.grad(
+        ...     lambda p, b: (p["w"] * b).sum(), params, torch.ones(2), method.init(params)
+        ... )
+        >>> grads["w"]
+        tensor([1., 1.])
+    """
+    return method_from(Pieces("plain_gradient", None, perturbed_gradient()))
 
 
 def sharpness_aware(
@@ -126,7 +152,6 @@ def sharpness_aware(
     """
     if not isinstance(ascent, GradientTransformation):
         raise TypeError(f"ascent must be a GradientTransformation, got {type(ascent).__name__}")
-    uses_first_gradient = combiner is not None
     if combiner is None:
         combiner = perturbed_gradient()
     if not isinstance(combiner, Combiner):
@@ -135,8 +160,17 @@ def sharpness_aware(
         select_fraction = check_fraction("select_fraction", select_fraction)
     if policy is not None and not isinstance(policy, StepPolicy):
         raise TypeError(f"policy must be a samfunc.StepPolicy, got {type(policy).__name__}")
-    grad = MethodGrad(ascent, combiner, select_fraction, name, uses_first_gradient, policy)
-    return Method(grad.init, grad)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    pieces = Pieces(
+        name=name,
+        ascent=ascent,
+        combiner=combiner,
+        policy=policy,
+        select_fraction=select_fraction,
+        ascent_takes_count=takes_count(ascent),
+    )
+    return method_from(pieces)
 
 
 def with_policy(method: Method, policy: StepPolicy) -> Method:
@@ -144,8 +178,10 @@ def with_policy(method: Method, policy: StepPolicy) -> Method:
 
     The cheap steps take the gradient at ``w`` (one pass; what the combiner's
     ``reuse`` makes of it, for LookSAM), so a full step costs two passes and a
-    cheap one, one. Any method built by samfunc or ``sharpness_aware`` takes a
-    policy; one that has its own (LookSAM's, AE-SAM's) does not take another.
+    cheap one, one. Any two-pass method takes a policy, a bare
+    ``Method(init, grad)`` too (its ``grad`` makes the full steps; the cheap
+    ones are the plain gradient, its state unchanged); one that has its own
+    (LookSAM's, AE-SAM's) does not take another, nor does a one-pass method.
 
     Args:
         method: e.g. ``samfunc.sam(0.05)`` or ``samfunc.gsam(0.05)``.
@@ -157,25 +193,24 @@ def with_policy(method: Method, policy: StepPolicy) -> Method:
         >>> import samfunc
         >>> method = samfunc.with_policy(samfunc.sam(0.05), samfunc.from_step(1000))
     """
-    grad = method.grad if isinstance(method, Method) else None
-    if not isinstance(grad, MethodGrad):
-        raise TypeError(
-            "with_policy takes a two-pass method built by samfunc (sam, gsam, ... or "
-            f"sharpness_aware), got {type(grad if grad is not None else method).__name__}"
-        )
+    pieces = pieces_of(method)
     if not isinstance(policy, StepPolicy):
         raise TypeError(f"policy must be a samfunc.StepPolicy, got {type(policy).__name__}")
-    if grad.policy is not None:
-        raise ValueError(f"{grad.name} already has a step policy ({grad.policy.name})")
-    new = MethodGrad(
-        grad.ascent,
-        grad.combiner,
-        grad.select_fraction,
-        f"{grad.name} with {policy.name}",
-        grad.uses_first_gradient,
-        policy,
-    )
-    return Method(new.init, new)
+    if pieces.policy is not None:
+        raise ValueError(f"{pieces.name} already has a step policy ({pieces.policy.name})")
+    if pieces.ascent is None and pieces.whole is None:
+        raise ValueError(
+            f"{pieces.name} takes one pass per step, so a policy has no second pass to skip"
+        )
+    with_it = pieces._replace(name=f"{pieces.name} with {policy.name}", policy=policy)
+    if with_it.whole is not None and reads_gradient(with_it):
+        raise ValueError(
+            f"{policy.name} decides from the first pass's gradient, which a bare "
+            f"Method(init, grad) does not expose ({pieces.name} takes its own passes): use a "
+            "policy that plans by step count (every_n_steps, from_step), or build the method "
+            "with samfunc.sharpness_aware"
+        )
+    return method_from(with_it)
 
 
 def sam(rho: Rho = 0.05, **options: Unpack[PerturbationOptions]) -> Method:
@@ -206,9 +241,20 @@ def surrogate_gap_decomposition(alpha: float) -> Combiner:
     ``gradient_decompose``), with 1e-12 in both denominators.
     """
     alpha = check_number("alpha", alpha)
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(
+            f"alpha must be in [0, 1), got {alpha}: GSAM subtracts alpha times the part of g "
+            "orthogonal to g_s (the paper's alpha is 0.01-0.3 in its ResNet runs, 0.6 for ViT)"
+        )
+    return Combiner(_empty_init, _SurrogateGap(alpha).update)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SurrogateGap:
+    alpha: float
 
     def update(
-        grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
+        self, grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
     ) -> tuple[Updates, OptState]:
         del params
         g_norm = _tree.global_norm(grads)
@@ -216,9 +262,7 @@ def surrogate_gap_decomposition(alpha: float) -> Combiner:
         cosine = _tree.vdot(grads, perturbed_grads) / (g_norm * gs_norm + _PROJECTION_EPS)
         along = cosine * g_norm / (gs_norm + _PROJECTION_EPS)  # <g, g_s> / ||g_s||^2
         vertical = _tree.add_scaled(grads, perturbed_grads, -along)
-        return _tree.add_scaled(perturbed_grads, vertical, -alpha), state
-
-    return Combiner(_empty_init, update)
+        return _tree.add_scaled(perturbed_grads, vertical, -self.alpha), state
 
 
 def gsam(rho: Rho = 0.05, alpha: float = 0.4, **options: Unpack[PerturbationOptions]) -> Method:
@@ -271,16 +315,27 @@ def rho_from_learning_rate(
     lr_min = check_number("lr_min", lr_min)
     if rho_min > rho_max:
         raise ValueError(f"rho_min must be <= rho_max, got {rho_min} > {rho_max}")
+    return _RhoFromLearningRate(learning_rate, rho_max, rho_min, lr_max, lr_min)
 
-    def schedule(count: torch.Tensor) -> torch.Tensor:
-        lr = learning_rate(count)
+
+@dataclasses.dataclass(frozen=True)
+class _RhoFromLearningRate:
+    learning_rate: Schedule
+    rho_max: float
+    rho_min: float
+    lr_max: float
+    lr_min: float
+
+    def __call__(self, count: torch.Tensor) -> torch.Tensor:
+        lr = self.learning_rate(count)
+        if not isinstance(lr, torch.Tensor):
+            lr = torch.as_tensor(lr, dtype=torch.float64)
         wide = torch.float32 if lr.device.type == "mps" else torch.float64
         lr = lr.to(wide)  # a float32 rho would be off by ~1e-8 of itself
-        if lr_max <= lr_min:
-            return torch.ones_like(lr) * rho_max
-        return rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
-
-    return schedule
+        if self.lr_max <= self.lr_min:
+            return torch.ones_like(lr) * self.rho_max
+        scale = (self.rho_max - self.rho_min) / (self.lr_max - self.lr_min)
+        return self.rho_min + scale * (lr - self.lr_min)
 
 
 def friendly_sam(
@@ -327,16 +382,19 @@ def vasso(rho: Rho = 0.05, theta: float = 0.9, **options: Unpack[PerturbationOpt
 def weighted_sharpness(gamma: float) -> Combiner:
     """WSAM's combiner: ``g + gamma / (1 - gamma) (g_s - g)``."""
     gamma = check_in_interval("gamma", gamma, 0.0, 1.0)
-    weight = gamma / (1.0 - gamma)
+    return Combiner(_empty_init, _WeightedSharpness(gamma / (1.0 - gamma)).update)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WeightedSharpness:
+    weight: float
 
     def update(
-        grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
+        self, grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
     ) -> tuple[Updates, OptState]:
         del params
         sharpness = _tree.add_scaled(perturbed_grads, grads, -1.0)
-        return _tree.add_scaled(grads, sharpness, weight), state
-
-    return Combiner(_empty_init, update)
+        return _tree.add_scaled(grads, sharpness, self.weight), state
 
 
 def wsam(rho: Rho = 0.05, gamma: float = 0.9, **options: Unpack[PerturbationOptions]) -> Method:
@@ -420,8 +478,8 @@ def normalization_mask(module: torch.nn.Module) -> Callable[[str, torch.Tensor],
     biases of ``module``'s BatchNorm, InstanceNorm, LayerNorm, GroupNorm and
     RMSNorm layers, found by module type. Pass it to any method
     (``samfunc.sam(rho=0.5, mask=samfunc.normalization_mask(model))``) or to
-    ``SAM(..., method=...)``: it matches the parameter names of
-    ``module_params(module)`` and the parameter tensors themselves. The
+    ``SAM(..., method=...)`` (pass ``model.named_parameters()`` there): it
+    matches the parameter names of ``module_params(module)``. The
     authors' code (mueller-mp/SAM-ON) selects by name instead (``"norm"`` or
     ``"bn"`` in the name), and uses larger radii than SAM (``rho=0.5`` by default).
 
@@ -436,18 +494,23 @@ def normalization_mask(module: torch.nn.Module) -> Callable[[str, torch.Tensor],
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     names: set[str] = set()
-    tensors: set[int] = set()
     for prefix, child in module.named_modules():
         if isinstance(child, _NORMALIZATION_TYPES):
-            for name, param in child.named_parameters(recurse=False):
+            for name, _ in child.named_parameters(recurse=False):
                 names.add(f"{prefix}.{name}" if prefix else name)
-                tensors.add(id(param))
     if not names:
         raise ValueError(
             f"module has no normalization layer with parameters: {type(module).__name__}"
         )
+    return _NamedIn(frozenset(names))
 
-    def is_normalization(path: str, leaf: torch.Tensor) -> bool:
-        return path in names or id(leaf) in tensors
 
-    return is_normalization
+@dataclasses.dataclass(frozen=True)
+class _NamedIn:
+    """A mask predicate: true for the leaves whose path is one of ``names``."""
+
+    names: frozenset[str]
+
+    def __call__(self, path: str, leaf: torch.Tensor) -> bool:
+        del leaf
+        return path in self.names

@@ -29,35 +29,31 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from typing_extensions import Unpack
 
-from . import _tree
-from ._ascent import NORM_EPS, sam_ascent
-from ._base import (
+from .. import _tree
+from .._ascent import NORM_EPS, sam_ascent
+from .._base import (
     Combiner,
-    EngineOptions,
     LossFn,
     Method,
+    MethodState,
     OptState,
     Params,
     PerturbationOptions,
+    Pieces,
     Rho,
     Schedule,
     Updates,
-    check_state,
 )
-from ._distributed import all_mean
-from ._engine import ONE_PASS, RunOptions, check_params, checked_loss_fn, one_pass, run_options
-from ._finite import raise_if_nonfinite, refuse_raise_under_compile
-from ._grad import grad_and_value
-from ._methods import sam, sharpness_aware, with_policy
-from ._policy import every_n_steps, sharp_steps
-from ._tree import PyTree
-from ._validate import check_in_interval, check_nonnegative, check_number
+from .._policy import every_n_steps, sharp_steps
+from .._validate import check_in_interval, check_nonnegative, check_number
+from .sam import method_from, sam, sharpness_aware, with_policy
 
 __all__ = [
     "LookSamState",
@@ -100,27 +96,43 @@ def orthogonal_reuse(alpha: float, *, eps: float = NORM_EPS) -> Combiner:
         ...     policy=samfunc.every_n_steps(5),
         ... )
     """
-    alpha = check_nonnegative("alpha", alpha)
-    eps = check_nonnegative("eps", eps)
+    built = _OrthogonalReuse(check_nonnegative("alpha", alpha), check_nonnegative("eps", eps))
+    return Combiner(built.init, built.update, built.reuse)
 
-    def init(params: Params) -> LookSamState:
+
+@dataclasses.dataclass(frozen=True)
+class _OrthogonalReuse:
+    alpha: float
+    eps: float
+
+    def init(self, params: Params) -> LookSamState:
         zeros = _tree.zeros_like(params)
         return LookSamState(zeros, _tree.global_norm(zeros))
 
     def update(
-        grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
+        self, grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
     ) -> tuple[Updates, OptState]:
-        del state, params
-        along = _tree.vdot(grads, perturbed_grads) / _tree.vdot(grads, grads).clamp_min(eps)
+        del params
+        _check_like(state, LookSamState, "looksam")
+        _tree.check_same_shapes(state.orthogonal, grads, "the state's g_v", "grads")
+        along = _tree.vdot(grads, perturbed_grads) / _tree.vdot(grads, grads).clamp_min(self.eps)
         orthogonal = _tree.add_scaled(perturbed_grads, grads, -along)
         return perturbed_grads, LookSamState(orthogonal, _tree.global_norm(orthogonal))
 
-    def reuse(grads: Updates, state: OptState, params: Params) -> tuple[Updates, OptState]:
+    def reuse(self, grads: Updates, state: OptState, params: Params) -> tuple[Updates, OptState]:
         del params
-        ratio = _tree.global_norm(grads) / (state.orthogonal_norm + eps)
-        return _tree.add_scaled(grads, state.orthogonal, alpha * ratio), state
+        _check_like(state, LookSamState, "looksam")
+        _tree.check_same_shapes(state.orthogonal, grads, "the state's g_v", "grads")
+        ratio = _tree.global_norm(grads) / (state.orthogonal_norm + self.eps)
+        return _tree.add_scaled(grads, state.orthogonal, self.alpha * ratio), state
 
-    return Combiner(init, update, reuse)
+
+def _check_like(state: Any, expected: type, owner: str) -> None:
+    if not isinstance(state, expected):
+        raise TypeError(
+            f"{owner}'s combiner got a state of type {type(state).__name__}, expected "
+            f"{expected.__name__}: was the state made by another method's init?"
+        )
 
 
 def looksam(
@@ -178,34 +190,12 @@ def ae_sam(
         >>> method = samfunc.ae_sam(rho=0.05, c=samfunc.linear_schedule(1.0, -1.0, 1000))
     """
     method = with_policy(sam(rho, **options), sharp_steps(c, delta))
-    method.grad.name = "ae_sam"  # type: ignore[attr-defined]
-    return method
-
-
-class _OnePassMethod:
-    """What the one-pass methods share: checks, the non-finite option, the parts."""
-
-    name = "method"
-
-    def _prepare(
-        self, loss_fn: LossFn, params: Params, state: Any, expected: type, options: EngineOptions
-    ) -> tuple[LossFn, RunOptions]:
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        run = run_options(options)
-        check_params(params)
-        check_state(self.name, state, expected)
-        if run.nonfinite == "raise":
-            refuse_raise_under_compile()
-        return checked_loss_fn(loss_fn, run.has_aux), run
-
-    def _check(self, grads: PyTree, loss: torch.Tensor, run: RunOptions) -> None:
-        if run.nonfinite == "raise":
-            raise_if_nonfinite(grads, ONE_PASS, loss)
+    assert method.pieces is not None
+    return method_from(method.pieces._replace(name="ae_sam"))
 
 
 class MomentumSamState(NamedTuple):
-    """Momentum-SAM's state.
+    """Momentum-SAM's combiner state.
 
     Attributes:
         velocity: ``v``, the momentum of the gradients this method returned
@@ -215,44 +205,38 @@ class MomentumSamState(NamedTuple):
     velocity: Updates
 
 
-class MomentumSamGrad(_OnePassMethod):
-    """Momentum-SAM's ``grad``: one pass, at ``w - rho v / (||v|| + eps)``."""
+@dataclasses.dataclass(frozen=True)
+class _MomentumSam:
+    """Momentum-SAM's pieces: the point ``w - rho v / (||v|| + eps)`` and the velocity update."""
 
-    name = "momentum_sam"
-
-    def __init__(self, rho: float, momentum: float, weight_decay: float, eps: float) -> None:
-        self.rho = rho
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.eps = eps
+    rho: float
+    momentum: float
+    weight_decay: float
+    eps: float
 
     def init(self, params: Params) -> MomentumSamState:
         """Zero velocity: the first step takes the gradient at ``w``."""
         return MomentumSamState(_tree.zeros_like(params))
 
-    def __call__(
-        self,
-        loss_fn: LossFn,
-        params: Params,
-        batch: Any,
-        state: Any,
-        **options: Unpack[EngineOptions],
-    ) -> tuple[PyTree, Any, MomentumSamState]:
-        """``(grads, loss at w + e, new_state)``; ``(grads, (loss, aux), new_state)`` with aux."""
-        loss, run = self._prepare(loss_fn, params, state, MomentumSamState, options)
-        velocity = state.velocity
-        perturbed = params
-        if self.rho != 0.0:
-            factor = -self.rho / (_tree.global_norm(velocity) + self.eps)
-            perturbed = _tree.add_scaled(params, velocity, factor)
-        grads, value = one_pass(
-            grad_and_value(loss, has_aux=run.has_aux), perturbed, batch, run, run.has_aux
-        )
-        self._check(grads, value[0] if run.has_aux else value, run)
+    def point(self, params: Params, state: OptState) -> Params:
+        _check_like(state, MomentumSamState, "momentum_sam")
+        _tree.check_same_shapes(state.velocity, params, "the state's velocity", "params")
+        if self.rho == 0.0:
+            return params
+        factor = -self.rho / (_tree.global_norm(state.velocity) + self.eps)
+        return _tree.add_scaled(params, state.velocity, factor)
+
+    def reuse(self, grads: Updates, state: OptState, params: Params) -> tuple[Updates, OptState]:
+        point = params  # a one-pass step hands reuse the point it evaluated at
         if self.weight_decay != 0.0:
-            grads = _tree.add_scaled(grads, perturbed, self.weight_decay)
-        velocity = _tree.add_scaled(grads, velocity, self.momentum)  # one fused op
-        return grads, value, MomentumSamState(velocity)
+            grads = _tree.add_scaled(grads, point, self.weight_decay)
+        velocity = _tree.add_scaled(grads, state.velocity, self.momentum)  # one fused op
+        return grads, MomentumSamState(velocity)
+
+    def update(
+        self, grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
+    ) -> tuple[Updates, OptState]:
+        raise AssertionError("momentum_sam takes one pass per step")  # pragma: no cover
 
 
 def momentum_sam(
@@ -292,32 +276,43 @@ def momentum_sam(
     momentum = check_in_interval("momentum", momentum, 0.0, 1.0)
     weight_decay = check_nonnegative("weight_decay", weight_decay)
     eps = check_nonnegative("eps", eps)
-    grad = MomentumSamGrad(rho, momentum, weight_decay, eps)
-    return Method(grad.init, grad)
+    built = _MomentumSam(rho, momentum, weight_decay, eps)
+    combiner = Combiner(built.init, built.update, built.reuse)
+    return method_from(Pieces("momentum_sam", None, combiner, point=built.point))
 
 
 class MesaState(NamedTuple):
-    """MESA's state.
+    """MESA's combiner state.
 
     Attributes:
         average: the teacher: an exponential moving average of the weights.
-        steps: steps taken (int64, CPU).
     """
 
     average: Params
-    steps: torch.Tensor
 
 
 def _outputs_of(aux: Any) -> torch.Tensor:
     """The model's outputs in ``aux``: ``aux`` itself, or its ``output`` (``ModuleAux``)."""
     output = getattr(aux, "output", aux)
-    if not isinstance(output, torch.Tensor):
+    if isinstance(output, torch.Tensor) and output.ndim >= 1:
+        return output
+    if hasattr(output, "logits") or (isinstance(output, dict) and "logits" in output):
         raise TypeError(
-            "mesa needs the model's outputs: loss_fn must return (loss, logits) with "
-            "has_aux=True (make_module_train_step does), got aux of type "
-            f"{type(aux).__name__}"
+            f"mesa got the model's output as a {type(output).__name__}: distill its logits, "
+            "e.g. samfunc.mesa(outputs=lambda aux: aux.output.logits), or have the model "
+            "return the logits tensor"
         )
-    return output
+    if isinstance(output, torch.Tensor):
+        raise ValueError(
+            f"mesa needs the model's outputs with a class dimension (e.g. logits of shape "
+            f"(batch, classes)), got a tensor of shape {tuple(output.shape)}: a KL term over "
+            "a 0-d output is always zero"
+        )
+    raise TypeError(
+        "mesa needs the model's outputs: loss_fn must return (loss, logits) with "
+        "has_aux=True (make_module_train_step does), got aux of type "
+        f"{type(aux).__name__}"
+    )
 
 
 def distillation_kl(
@@ -330,72 +325,56 @@ def distillation_kl(
     return kl * temperature**2
 
 
-class MesaGrad(_OnePassMethod):
-    """MESA's ``grad``: one pass on ``loss + weight KL(teacher || model)``, one extra forward."""
+def _teacher_init(params: Params) -> MesaState:
+    """The teacher starts as a copy of ``w``."""
+    return MesaState(_tree.tree_map(lambda p: p.detach().clone(), params))
 
-    name = "mesa"
 
-    def __init__(
-        self,
-        weight: float,
-        decay: float,
-        temperature: float,
-        start_step: int,
-        outputs: Callable[[Any], torch.Tensor],
-    ) -> None:
-        self.weight = weight
-        self.decay = decay
-        self.temperature = temperature
-        self.start_step = start_step
-        self.outputs = outputs
+@dataclasses.dataclass(frozen=True)
+class _Mesa:
+    """MESA's objective: the loss plus ``weight KL(teacher || model)``, one extra forward."""
 
-    def init(self, params: Params) -> MesaState:
-        """The teacher starts as a copy of ``w``."""
-        average = _tree.tree_map(lambda p: p.detach().clone(), params)
-        return MesaState(average, torch.zeros((), dtype=torch.int64))
+    weight: float
+    decay: float
+    temperature: float
+    start_step: int
+    outputs: Callable[[Any], torch.Tensor]
 
-    def _teacher(self, state: MesaState, params: Params) -> Params:
+    def teacher(self, state: MethodState, params: Params) -> Params:
         """This step's teacher: the average moved towards ``w`` (unchanged at step 0)."""
+        _check_like(state.combine, MesaState, "mesa")
+        _tree.check_same_shapes(state.combine.average, params, "the state's teacher", "params")
         moved = state.steps > 0
+        decay = self.decay
         return _tree.tree_map(
-            lambda a, p: torch.where(moved, a * self.decay + (1.0 - self.decay) * p.detach(), a),
-            state.average,
+            lambda a, p: torch.where(moved, a * decay + (1.0 - decay) * p.detach(), a),
+            state.combine.average,
             params,
         )
 
     def __call__(
-        self,
-        loss_fn: LossFn,
-        params: Params,
-        batch: Any,
-        state: Any,
-        **options: Unpack[EngineOptions],
-    ) -> tuple[PyTree, Any, MesaState]:
-        """``(grads, (loss, aux), new_state)``; ``loss`` is ``loss_fn``'s, without the KL term."""
-        loss, run = self._prepare(loss_fn, params, state, MesaState, options)
-        if not run.has_aux:
-            raise ValueError(
-                "mesa needs the model's outputs: pass has_aux=True with a loss_fn that returns "
-                "(loss, logits), or use make_module_train_step"
-            )
-        teacher = self._teacher(state, params)
+        self, loss_fn: LossFn, params: Params, state: MethodState
+    ) -> tuple[LossFn, MesaState]:
+        teacher = self.teacher(state, params)
         active = state.steps >= self.start_step
+        return _Regularized(self, loss_fn, teacher, active), MesaState(teacher)
 
-        def regularized(p: Params, part: Any) -> tuple[torch.Tensor, Any]:
-            value, aux = loss(p, part)
-            with torch.no_grad():
-                taught = self.outputs(loss(teacher, part)[1]).detach()
-            kl = distillation_kl(self.outputs(aux), taught, self.temperature)
-            return value + torch.where(active, self.weight * kl, 0.0), (value.detach(), aux)
 
-        grads, (_, (value, aux)) = one_pass(
-            grad_and_value(regularized, has_aux=True), params, batch, run, True
-        )
-        value = value.mean() if value.ndim else value
-        if run.data_parallel is not None:  # one_pass averaged the loss with the KL term
-            value = all_mean(value, run.data_parallel.group)
-        self._check(grads, value, run)
-        return grads, (value, aux), MesaState(teacher, state.steps + 1)
+@dataclasses.dataclass(frozen=True)
+class _Regularized:
+    mesa: _Mesa
+    loss_fn: LossFn
+    teacher: Params
+    active: torch.Tensor
+
+    def __call__(self, params: Params, batch: Any) -> tuple[torch.Tensor, Any]:
+        value, aux = self.loss_fn(params, batch)
+        outputs = self.mesa.outputs
+        with torch.no_grad():
+            taught = outputs(self.loss_fn(self.teacher, batch)[1]).detach()
+        kl = distillation_kl(outputs(aux), taught, self.mesa.temperature)
+        extra = torch.where(self.active, self.mesa.weight * kl, 0.0)
+        return value + extra, (value.detach(), aux)
 
 
 def mesa(
@@ -453,5 +432,12 @@ def mesa(
         raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
     if outputs is not None and not callable(outputs):
         raise TypeError(f"outputs must be callable, got {type(outputs).__name__}")
-    grad = MesaGrad(weight, decay, temperature, start_step, outputs or _outputs_of)
-    return Method(grad.init, grad)
+    objective = _Mesa(weight, decay, temperature, start_step, outputs or _outputs_of)
+    combiner = Combiner(_teacher_init, _no_second_pass)
+    return method_from(Pieces("mesa", None, combiner, objective=objective))
+
+
+def _no_second_pass(
+    grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
+) -> tuple[Updates, OptState]:
+    raise AssertionError("mesa takes one pass per step")  # pragma: no cover
