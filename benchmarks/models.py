@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,17 @@ def mlp() -> torch.nn.Module:
         torch.nn.Linear(1024, 1024),
         torch.nn.ReLU(),
         torch.nn.Linear(1024, 10),
+    )
+
+
+def small_mlp(width: int) -> torch.nn.Module:
+    """64-width-width-10, for the per-step overhead (python -m benchmarks.small_step)."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 10),
     )
 
 
@@ -74,6 +86,16 @@ MODELS: dict[str, Callable[[str], ModelSpec]] = {
     "mlp": _mlp,
     "wrn": _wrn,
     "transformer": _transformer,
+}
+
+
+# The small models of python -m benchmarks.small_step, where a step's Python and dispatch
+# overhead is a large share of it (not in MODELS: step_time does not run them by default).
+SMALL_MODELS: dict[str, ModelSpec] = {
+    "mlp64": ModelSpec("mlp64", "MLP 64-64-64-10", functools.partial(small_mlp, 64), 32, (64,)),
+    "mlp512": ModelSpec(
+        "mlp512", "MLP 64-512-512-10", functools.partial(small_mlp, 512), 32, (64,)
+    ),
 }
 
 

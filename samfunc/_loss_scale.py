@@ -29,6 +29,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Protocol
 
 import torch
@@ -148,35 +149,55 @@ def dynamic_loss_scale(
             f"growth_interval must be <= {_MAX_GROWTH_INTERVAL} (the tracker is int32), "
             f"got {growth_interval}"
         )
+    return DynamicLossScale(
+        functools.partial(_loss_scale_init, init_scale=init_scale),
+        functools.partial(
+            _loss_scale_update,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+        ),
+    )
 
-    def init(device: torch.device | str | None = None) -> LossScaleState:
-        return LossScaleState(
-            scale=torch.full((), init_scale, dtype=torch.float32, device=device),
-            growth_tracker=torch.zeros((), dtype=torch.int32, device=device),
+
+def _loss_scale_init(
+    device: torch.device | str | None = None, *, init_scale: float
+) -> LossScaleState:
+    """The ``init`` of ``dynamic_loss_scale``: ``init_scale`` and a zero tracker."""
+    return LossScaleState(
+        scale=torch.full((), init_scale, dtype=torch.float32, device=device),
+        growth_tracker=torch.zeros((), dtype=torch.int32, device=device),
+    )
+
+
+def _loss_scale_update(
+    state: LossScaleState,
+    finite: torch.Tensor,
+    *,
+    growth_factor: float,
+    backoff_factor: float,
+    growth_interval: int,
+) -> LossScaleState:
+    """The ``update`` of ``dynamic_loss_scale``: GradScaler's rule (see there)."""
+    if not isinstance(finite, torch.Tensor) or finite.dtype != torch.bool:
+        got = f"dtype {finite.dtype}" if isinstance(finite, torch.Tensor) else repr(finite)
+        raise TypeError(
+            f"finite must be a bool tensor, True when the gradients were finite, got {got}"
         )
-
-    def update(state: LossScaleState, finite: torch.Tensor) -> LossScaleState:
-        if not isinstance(finite, torch.Tensor) or finite.dtype != torch.bool:
-            got = f"dtype {finite.dtype}" if isinstance(finite, torch.Tensor) else repr(finite)
-            raise TypeError(
-                f"finite must be a bool tensor, True when the gradients were finite, got {got}"
-            )
-        if finite.ndim != 0:
-            raise ValueError(f"finite must be a 0-d tensor, got shape {tuple(finite.shape)}")
-        scale, tracker = state.scale, state.growth_tracker
-        finite = finite.to(scale.device)
-        wide = scale.to(_wide_dtype(scale.device))
-        grown = (wide * growth_factor).to(torch.float32)
-        backed_off = (wide * backoff_factor).to(torch.float32)
-        counted = tracker + 1
-        grow = finite & (counted == growth_interval)
-        # Growth that would overflow float32 leaves the scale where it is.
-        grown = torch.where(torch.isfinite(grown), grown, scale)
-        new_scale = torch.where(finite, torch.where(grow, grown, scale), backed_off)
-        new_tracker = torch.where(finite & ~grow, counted, torch.zeros_like(counted))
-        return LossScaleState(scale=new_scale, growth_tracker=new_tracker)
-
-    return DynamicLossScale(init, update)
+    if finite.ndim != 0:
+        raise ValueError(f"finite must be a 0-d tensor, got shape {tuple(finite.shape)}")
+    scale, tracker = state.scale, state.growth_tracker
+    finite = finite.to(scale.device)
+    wide = scale.to(_wide_dtype(scale.device))
+    grown = (wide * growth_factor).to(torch.float32)
+    backed_off = (wide * backoff_factor).to(torch.float32)
+    counted = tracker + 1
+    grow = finite & (counted == growth_interval)
+    # Growth that would overflow float32 leaves the scale where it is.
+    grown = torch.where(torch.isfinite(grown), grown, scale)
+    new_scale = torch.where(finite, torch.where(grow, grown, scale), backed_off)
+    new_tracker = torch.where(finite & ~grow, counted, torch.zeros_like(counted))
+    return LossScaleState(scale=new_scale, growth_tracker=new_tracker)
 
 
 def scale_loss(loss: torch.Tensor, state: LossScaleState) -> torch.Tensor:

@@ -15,6 +15,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -44,7 +45,10 @@ _RANGE_ATTR = "_samfunc_value_range"
 
 
 def _with_range(schedule: Schedule, low: float, high: float) -> Schedule:
-    """Records the lowest and highest value ``schedule`` can return, for build-time checks."""
+    """Records the lowest and highest value ``schedule`` can return, for build-time checks.
+
+    ``schedule`` is a ``functools.partial``: its attributes are pickled and copied with it.
+    """
     setattr(schedule, _RANGE_ATTR, (float(low), float(high)))
     return schedule
 
@@ -89,11 +93,12 @@ def constant_schedule(value: float) -> Schedule:
         0.5
     """
     value = check_number("value", value)
+    return _with_range(functools.partial(_constant, value=value), value, value)
 
-    def schedule(count: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(_as_float(count), value)
 
-    return _with_range(schedule, value, value)
+def _constant(count: torch.Tensor, *, value: float) -> torch.Tensor:
+    """``constant_schedule``'s value at ``count``."""
+    return torch.full_like(_as_float(count), value)
 
 
 def linear_schedule(
@@ -115,12 +120,27 @@ def linear_schedule(
         raise TypeError(f"transition_begin must be an int, got {transition_begin!r}")
     if transition_begin < 0:
         raise ValueError(f"transition_begin must be >= 0, got {transition_begin}")
-
-    def schedule(count: torch.Tensor) -> torch.Tensor:
-        progress = ((_as_float(count) - transition_begin) / transition_steps).clamp(0.0, 1.0)
-        return init_value + (end_value - init_value) * progress
-
+    schedule = functools.partial(
+        _linear,
+        init_value=init_value,
+        end_value=end_value,
+        transition_steps=transition_steps,
+        transition_begin=transition_begin,
+    )
     return _with_range(schedule, min(init_value, end_value), max(init_value, end_value))
+
+
+def _linear(
+    count: torch.Tensor,
+    *,
+    init_value: float,
+    end_value: float,
+    transition_steps: int,
+    transition_begin: int,
+) -> torch.Tensor:
+    """``linear_schedule``'s value at ``count``."""
+    progress = ((_as_float(count) - transition_begin) / transition_steps).clamp(0.0, 1.0)
+    return init_value + (end_value - init_value) * progress
 
 
 def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
@@ -142,11 +162,14 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
 
 
 def _cosine_between(start: float, end: float, steps: int) -> Schedule:
-    def schedule(count: torch.Tensor) -> torch.Tensor:
-        progress = _as_float(count).clamp(0.0, steps) / steps
-        return end + (start - end) * 0.5 * (1.0 + torch.cos(math.pi * progress))
-
+    schedule = functools.partial(_cosine, start=start, end=end, steps=steps)
     return _with_range(schedule, min(start, end), max(start, end))
+
+
+def _cosine(count: torch.Tensor, *, start: float, end: float, steps: int) -> torch.Tensor:
+    """The value at ``count`` of a cosine from ``start`` to ``end`` over ``steps``."""
+    progress = _as_float(count).clamp(0.0, steps) / steps
+    return end + (start - end) * 0.5 * (1.0 + torch.cos(math.pi * progress))
 
 
 def step_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Schedule:
@@ -159,12 +182,18 @@ def step_schedule(init_value: float, step_size: int, gamma: float = 0.1) -> Sche
     init_value = check_number("init_value", init_value)
     step_size = check_positive_int("step_size", step_size)
     gamma = check_positive("gamma", gamma)
-
-    def schedule(count: torch.Tensor) -> torch.Tensor:
-        decays = torch.floor(_as_float(count) / step_size)
-        return _geometric(init_value, gamma, decays)
-
+    schedule = functools.partial(
+        _step_decay, init_value=init_value, step_size=step_size, gamma=gamma
+    )
     return _with_range(schedule, *_geometric_range(init_value, gamma))
+
+
+def _step_decay(
+    count: torch.Tensor, *, init_value: float, step_size: int, gamma: float
+) -> torch.Tensor:
+    """``step_schedule``'s value at ``count``."""
+    decays = torch.floor(_as_float(count) / step_size)
+    return _geometric(init_value, gamma, decays)
 
 
 def _geometric(init_value: float, gamma: float, decays: torch.Tensor) -> torch.Tensor:
@@ -202,17 +231,22 @@ def multistep_schedule(
     for milestone in milestones:
         if isinstance(milestone, bool) or not isinstance(milestone, int) or milestone < 0:
             raise ValueError(f"milestones must be ints >= 0, got {list(milestones)}")
-    milestones = sorted(milestones)
-
-    def schedule(count: torch.Tensor) -> torch.Tensor:
-        count_f = _as_float(count)
-        decays = torch.zeros_like(count_f)
-        for milestone in milestones:
-            decays = decays + (count_f >= milestone).to(torch.float32)
-        return _geometric(init_value, gamma, decays)
-
+    schedule = functools.partial(
+        _multistep_decay, init_value=init_value, milestones=sorted(milestones), gamma=gamma
+    )
     low, high = _geometric_range(init_value, gamma)
     return _with_range(schedule, low, high)
+
+
+def _multistep_decay(
+    count: torch.Tensor, *, init_value: float, milestones: list[int], gamma: float
+) -> torch.Tensor:
+    """``multistep_schedule``'s value at ``count``."""
+    count_f = _as_float(count)
+    decays = torch.zeros_like(count_f)
+    for milestone in milestones:
+        decays = decays + (count_f >= milestone).to(torch.float32)
+    return _geometric(init_value, gamma, decays)
 
 
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
@@ -231,21 +265,23 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
         )
     if list(boundaries) != sorted(boundaries) or any(b < 0 for b in boundaries):
         raise ValueError(f"boundaries must be non-negative and increasing, got {list(boundaries)}")
-    schedules = list(schedules)
-    boundaries = list(boundaries)
-
-    def schedule(count: torch.Tensor) -> torch.Tensor:
-        count_t = torch.as_tensor(count)
-        value = schedules[0](count_t)
-        for boundary, later in zip(boundaries, schedules[1:]):
-            value = torch.where(count_t >= boundary, later(count_t - boundary), value)
-        return value
-
+    schedule = functools.partial(_joined, schedules=list(schedules), boundaries=list(boundaries))
     ranges = [schedule_range(part) for part in schedules]
     if any(r is None for r in ranges):
         return schedule
     known = [r for r in ranges if r is not None]
     return _with_range(schedule, min(r[0] for r in known), max(r[1] for r in known))
+
+
+def _joined(
+    count: torch.Tensor, *, schedules: list[Schedule], boundaries: list[int]
+) -> torch.Tensor:
+    """``join_schedules``'s value at ``count``."""
+    count_t = torch.as_tensor(count)
+    value = schedules[0](count_t)
+    for boundary, later in zip(boundaries, schedules[1:]):
+        value = torch.where(count_t >= boundary, later(count_t - boundary), value)
+    return value
 
 
 def warmup_cosine_decay_schedule(

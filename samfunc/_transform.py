@@ -16,6 +16,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -107,14 +108,15 @@ def _scalar_dtype(device: torch.device) -> torch.dtype:
 
 def identity() -> GradientTransformation:
     """Returns updates unchanged."""
+    return GradientTransformation(_empty_init, _identity_update)
 
-    def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
-    ) -> tuple[Updates, OptState]:
-        del params
-        return updates, state
 
-    return GradientTransformation(_empty_init, update)
+def _identity_update(
+    updates: Updates, state: OptState, params: Optional[Params] = None
+) -> tuple[Updates, OptState]:
+    """The ``update`` of ``identity``."""
+    del params
+    return updates, state
 
 
 def scale(step_size: float) -> GradientTransformation:
@@ -127,14 +129,17 @@ def scale(step_size: float) -> GradientTransformation:
         [tensor([-2.])]
     """
     step_size = check_number("step_size", step_size)
+    return GradientTransformation(
+        _empty_init, functools.partial(_scale_update, step_size=step_size)
+    )
 
-    def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
-    ) -> tuple[Updates, OptState]:
-        del params
-        return _tree.scale(updates, step_size), state
 
-    return GradientTransformation(_empty_init, update)
+def _scale_update(
+    updates: Updates, state: OptState, params: Optional[Params] = None, *, step_size: float
+) -> tuple[Updates, OptState]:
+    """The ``update`` of ``scale``."""
+    del params
+    return _tree.scale(updates, step_size), state
 
 
 def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
@@ -145,19 +150,28 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
     """
     if not callable(step_size_fn):
         raise TypeError(f"step_size_fn must be callable, got {step_size_fn!r}")
+    return GradientTransformation(
+        _count_init, functools.partial(_scale_by_schedule_update, step_size_fn=step_size_fn)
+    )
 
-    def init(params: Params) -> ScaleByScheduleState:
-        return ScaleByScheduleState(step=init_count(params))
 
-    def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
-    ) -> tuple[Updates, OptState]:
-        del params
-        check_state("scale_by_schedule", state, ScaleByScheduleState)
-        step_size = step_size_fn(state.step)
-        return _tree.scale(updates, step_size), ScaleByScheduleState(step=state.step + 1)
+def _count_init(params: Params) -> ScaleByScheduleState:
+    """The ``init`` of ``scale_by_schedule``: a zero count."""
+    return ScaleByScheduleState(step=init_count(params))
 
-    return GradientTransformation(init, update)
+
+def _scale_by_schedule_update(
+    updates: Updates,
+    state: OptState,
+    params: Optional[Params] = None,
+    *,
+    step_size_fn: Schedule,
+) -> tuple[Updates, OptState]:
+    """The ``update`` of ``scale_by_schedule``."""
+    del params
+    check_state("scale_by_schedule", state, ScaleByScheduleState)
+    step_size = step_size_fn(state.step)
+    return _tree.scale(updates, step_size), ScaleByScheduleState(step=state.step + 1)
 
 
 def scale_by_learning_rate(
@@ -174,8 +188,13 @@ def scale_by_learning_rate(
     sign = -1.0 if check_bool("flip_sign", flip_sign) else 1.0
     if callable(learning_rate):
         schedule = check_schedule_nonnegative("learning_rate", learning_rate)
-        return scale_by_schedule(lambda count: sign * schedule(count))
+        return scale_by_schedule(functools.partial(_signed_schedule, sign=sign, schedule=schedule))
     return scale(sign * check_nonnegative("learning_rate", learning_rate))
+
+
+def _signed_schedule(count: torch.Tensor, *, sign: float, schedule: Schedule) -> torch.Tensor:
+    """``sign * schedule(count)``: the learning rate with the descent's sign."""
+    return sign * schedule(count)
 
 
 def trace(
@@ -205,34 +224,42 @@ def trace(
             f"nesterov=True needs momentum > 0 and dampening == 0, "
             f"got momentum={decay} and dampening={dampening}"
         )
+    return GradientTransformation(
+        _trace_init,
+        functools.partial(_trace_update, decay=decay, dampening=dampening, nesterov=nesterov),
+    )
 
-    def init(params: Params) -> TraceState:
-        return TraceState(step=init_count(params), momentum_buffer=_tree.zeros_like(params))
 
-    def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
-    ) -> tuple[Updates, OptState]:
-        del params
-        check_state("trace (momentum)", state, TraceState)
-        _tree.check_same_shapes(state.momentum_buffer, updates, "the optimizer state", "updates")
-        grads, spec = _tree.flatten(updates)
-        buffers = _tree.leaves(state.momentum_buffer)
-        if dampening == 0.0:
-            # With a zero initial buffer, decay * 0 + g is exactly g: no branch needed.
-            new_buffers = torch._foreach_add(grads, buffers, alpha=decay)
-        else:
-            later = torch._foreach_add(
-                torch._foreach_mul(buffers, decay), grads, alpha=1.0 - dampening
-            )
-            first = state.step == 0
-            new_buffers = tuple(torch.where(first, g, b) for g, b in zip(grads, later))
-        out = torch._foreach_add(grads, new_buffers, alpha=decay) if nesterov else new_buffers
-        new_state = TraceState(
-            step=state.step + 1, momentum_buffer=_tree.unflatten(new_buffers, spec)
-        )
-        return _tree.unflatten(out, spec), new_state
+def _trace_init(params: Params) -> TraceState:
+    """The ``init`` of ``trace``: a zero count and zero buffers."""
+    return TraceState(step=init_count(params), momentum_buffer=_tree.zeros_like(params))
 
-    return GradientTransformation(init, update)
+
+def _trace_update(
+    updates: Updates,
+    state: OptState,
+    params: Optional[Params] = None,
+    *,
+    decay: float,
+    dampening: float,
+    nesterov: bool,
+) -> tuple[Updates, OptState]:
+    """The ``update`` of ``trace``."""
+    del params
+    check_state("trace (momentum)", state, TraceState)
+    _tree.check_same_shapes(state.momentum_buffer, updates, "the optimizer state", "updates")
+    grads, spec = _tree.flatten(updates)
+    buffers = _tree.leaves(state.momentum_buffer)
+    if dampening == 0.0:
+        # With a zero initial buffer, decay * 0 + g is exactly g: no branch needed.
+        new_buffers = torch._foreach_add(grads, buffers, alpha=decay)
+    else:
+        later = torch._foreach_add(torch._foreach_mul(buffers, decay), grads, alpha=1.0 - dampening)
+        first = state.step == 0
+        new_buffers = tuple(torch.where(first, g, b) for g, b in zip(grads, later))
+    out = torch._foreach_add(grads, new_buffers, alpha=decay) if nesterov else new_buffers
+    new_state = TraceState(step=state.step + 1, momentum_buffer=_tree.unflatten(new_buffers, spec))
+    return _tree.unflatten(out, spec), new_state
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
@@ -247,42 +274,59 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     b1 = check_in_interval("b1", b1, 0.0, 1.0)
     b2 = check_in_interval("b2", b2, 0.0, 1.0)
     eps = check_positive("eps", eps)
+    return GradientTransformation(
+        _adam_init, functools.partial(_adam_update, b1=b1, b2=b2, eps=eps)
+    )
 
-    def moments(params: Params) -> Params:
-        return _tree.tree_map(lambda p: torch.zeros_like(p, dtype=_wide(p).dtype), params)
 
-    def init(params: Params) -> ScaleByAdamState:
-        return ScaleByAdamState(step=init_count(params), mu=moments(params), nu=moments(params))
+def _wide_zeros_like(p: torch.Tensor) -> torch.Tensor:
+    """Zeros like ``p``, in float32 if ``p`` is a 16-bit float (Adam's moments)."""
+    return torch.zeros_like(p, dtype=_wide(p).dtype)
 
-    def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
-    ) -> tuple[Updates, OptState]:
-        del params
-        check_state("scale_by_adam", state, ScaleByAdamState)
-        _tree.check_same_shapes(state.mu, updates, "the optimizer state", "updates")
-        given, spec = _tree.flatten(updates)
-        grads = [_wide(g) for g in given]
-        new_step = state.step + 1
-        mu = torch._foreach_lerp(_tree.leaves(state.mu), grads, 1.0 - b1)
-        nu = torch._foreach_addcmul(
-            torch._foreach_mul(_tree.leaves(state.nu), b2), grads, grads, value=1.0 - b2
-        )
-        # Bias corrections in float64 where the device has it: 1 - 0.999**t loses
-        # four digits in float32, and torch.optim.Adam computes it in Python floats.
-        step = new_step.to(_scalar_dtype(new_step.device))
-        bias_correction1 = 1.0 - torch.pow(torch.full_like(step, b1), step)
-        bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(torch.full_like(step, b2), step))
-        denom = torch._foreach_add(
-            torch._foreach_div(torch._foreach_sqrt(nu), bias_correction2_sqrt), eps
-        )
-        wide_out = torch._foreach_div(torch._foreach_div(mu, denom), bias_correction1)
-        out = [o.to(g.dtype) for o, g in zip(wide_out, given)]
-        new_state = ScaleByAdamState(
-            step=new_step, mu=_tree.unflatten(mu, spec), nu=_tree.unflatten(nu, spec)
-        )
-        return _tree.unflatten(out, spec), new_state
 
-    return GradientTransformation(init, update)
+def _adam_init(params: Params) -> ScaleByAdamState:
+    """The ``init`` of ``scale_by_adam``: a zero count and zero moments."""
+    return ScaleByAdamState(
+        step=init_count(params),
+        mu=_tree.tree_map(_wide_zeros_like, params),
+        nu=_tree.tree_map(_wide_zeros_like, params),
+    )
+
+
+def _adam_update(
+    updates: Updates,
+    state: OptState,
+    params: Optional[Params] = None,
+    *,
+    b1: float,
+    b2: float,
+    eps: float,
+) -> tuple[Updates, OptState]:
+    """The ``update`` of ``scale_by_adam``."""
+    del params
+    check_state("scale_by_adam", state, ScaleByAdamState)
+    _tree.check_same_shapes(state.mu, updates, "the optimizer state", "updates")
+    given, spec = _tree.flatten(updates)
+    grads = [_wide(g) for g in given]
+    new_step = state.step + 1
+    mu = torch._foreach_lerp(_tree.leaves(state.mu), grads, 1.0 - b1)
+    nu = torch._foreach_addcmul(
+        torch._foreach_mul(_tree.leaves(state.nu), b2), grads, grads, value=1.0 - b2
+    )
+    # Bias corrections in float64 where the device has it: 1 - 0.999**t loses
+    # four digits in float32, and torch.optim.Adam computes it in Python floats.
+    step = new_step.to(_scalar_dtype(new_step.device))
+    bias_correction1 = 1.0 - torch.pow(torch.full_like(step, b1), step)
+    bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(torch.full_like(step, b2), step))
+    denom = torch._foreach_add(
+        torch._foreach_div(torch._foreach_sqrt(nu), bias_correction2_sqrt), eps
+    )
+    wide_out = torch._foreach_div(torch._foreach_div(mu, denom), bias_correction1)
+    out = [o.to(g.dtype) for o, g in zip(wide_out, given)]
+    new_state = ScaleByAdamState(
+        step=new_step, mu=_tree.unflatten(mu, spec), nu=_tree.unflatten(nu, spec)
+    )
+    return _tree.unflatten(out, spec), new_state
 
 
 def add_decayed_weights(weight_decay: float) -> GradientTransformation:
@@ -291,20 +335,21 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     Use ``samfunc.masked`` to decay only some leaves.
     """
     weight_decay = check_nonnegative("weight_decay", weight_decay)
+    return GradientTransformation(
+        _empty_init, functools.partial(_add_decayed_weights_update, weight_decay=weight_decay)
+    )
 
-    def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
-    ) -> tuple[Updates, OptState]:
-        if weight_decay == 0.0:
-            return updates, state
-        if params is None:
-            raise ValueError(
-                "add_decayed_weights needs params: call update(updates, state, params)"
-            )
-        _tree.check_same_shapes(params, updates, "params", "updates")
-        return _tree.add_scaled(updates, params, weight_decay), state
 
-    return GradientTransformation(_empty_init, update)
+def _add_decayed_weights_update(
+    updates: Updates, state: OptState, params: Optional[Params] = None, *, weight_decay: float
+) -> tuple[Updates, OptState]:
+    """The ``update`` of ``add_decayed_weights``."""
+    if weight_decay == 0.0:
+        return updates, state
+    if params is None:
+        raise ValueError("add_decayed_weights needs params: call update(updates, state, params)")
+    _tree.check_same_shapes(params, updates, "params", "updates")
+    return _tree.add_scaled(updates, params, weight_decay), state
 
 
 class DecoupledWeightDecayState(NamedTuple):
@@ -336,32 +381,43 @@ def decoupled_weight_decay(
         check_schedule_nonnegative("learning_rate", learning_rate)
     else:
         check_nonnegative("learning_rate", learning_rate)
+    return GradientTransformation(
+        _decoupled_weight_decay_init,
+        functools.partial(
+            _decoupled_weight_decay_update, learning_rate=learning_rate, weight_decay=weight_decay
+        ),
+    )
 
-    def init(params: Params) -> DecoupledWeightDecayState:
-        return DecoupledWeightDecayState(step=init_count(params))
 
-    def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
-    ) -> tuple[Updates, OptState]:
-        check_state("decoupled_weight_decay", state, DecoupledWeightDecayState)
-        new_state = DecoupledWeightDecayState(step=state.step + 1)
-        if weight_decay == 0.0:
-            return updates, new_state
-        if params is None:
-            raise ValueError(
-                "decoupled_weight_decay needs params: call update(updates, state, params)"
-            )
-        _tree.check_same_shapes(params, updates, "params", "updates")
-        if callable(learning_rate):
-            factor: float | torch.Tensor = 1.0 - learning_rate(state.step) * weight_decay
-        else:
-            factor = 1.0 - learning_rate * weight_decay
-        param_leaves = _tree.leaves(params)
-        decayed = torch._foreach_sub(torch._foreach_mul(param_leaves, factor), param_leaves)
-        out, spec = _tree.flatten(updates)
-        return _tree.unflatten(torch._foreach_add(out, decayed), spec), new_state
+def _decoupled_weight_decay_init(params: Params) -> DecoupledWeightDecayState:
+    """The ``init`` of ``decoupled_weight_decay``: a zero count."""
+    return DecoupledWeightDecayState(step=init_count(params))
 
-    return GradientTransformation(init, update)
+
+def _decoupled_weight_decay_update(
+    updates: Updates,
+    state: OptState,
+    params: Optional[Params] = None,
+    *,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: float,
+) -> tuple[Updates, OptState]:
+    """The ``update`` of ``decoupled_weight_decay``."""
+    check_state("decoupled_weight_decay", state, DecoupledWeightDecayState)
+    new_state = DecoupledWeightDecayState(step=state.step + 1)
+    if weight_decay == 0.0:
+        return updates, new_state
+    if params is None:
+        raise ValueError("decoupled_weight_decay needs params: call update(updates, state, params)")
+    _tree.check_same_shapes(params, updates, "params", "updates")
+    if callable(learning_rate):
+        factor: float | torch.Tensor = 1.0 - learning_rate(state.step) * weight_decay
+    else:
+        factor = 1.0 - learning_rate * weight_decay
+    param_leaves = _tree.leaves(params)
+    decayed = torch._foreach_sub(torch._foreach_mul(param_leaves, factor), param_leaves)
+    out, spec = _tree.flatten(updates)
+    return _tree.unflatten(torch._foreach_add(out, decayed), spec), new_state
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -372,13 +428,16 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     ``torch.nn.utils.clip_grad_norm_``).
     """
     max_norm = check_positive("max_norm", max_norm)
+    return GradientTransformation(
+        _empty_init, functools.partial(_clip_by_global_norm_update, max_norm=max_norm)
+    )
 
-    def update(
-        updates: Updates, state: OptState, params: Optional[Params] = None
-    ) -> tuple[Updates, OptState]:
-        del params
-        norm = _tree.global_norm(updates)
-        factor = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
-        return _tree.scale(updates, factor), state
 
-    return GradientTransformation(_empty_init, update)
+def _clip_by_global_norm_update(
+    updates: Updates, state: OptState, params: Optional[Params] = None, *, max_norm: float
+) -> tuple[Updates, OptState]:
+    """The ``update`` of ``clip_by_global_norm``."""
+    del params
+    norm = _tree.global_norm(updates)
+    factor = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
+    return _tree.scale(updates, factor), state
