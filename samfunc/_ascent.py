@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import torch
 
@@ -242,6 +242,8 @@ def scale_by_radius(rho: Rho) -> GradientTransformation:
 
 @dataclasses.dataclass(frozen=True)
 class _ScaleByRadius:
+    TAKES_COUNT: ClassVar[bool] = True
+
     constant: float | torch.Tensor | None
     schedule: Schedule | None
 
@@ -261,7 +263,10 @@ class _ScaleByRadius:
         check_state("scale_by_radius", state, ScaleByRadiusState)
         radius = self.constant
         if self.schedule is not None:
-            radius = guard_radius(self.schedule(state.step if count is None else count))
+            value = self.schedule(state.step if count is None else count)
+            if not isinstance(value, torch.Tensor):  # a user's schedule may return a float
+                value = torch.tensor(float(value), dtype=torch.float64)
+            radius = guard_radius(value)
         assert radius is not None
         # ones * radius, not torch.full: under torch.compile a float that became
         # symbolic was baked into torch.full's output as a constant (torch 2.13).
@@ -491,6 +496,8 @@ def sam_ascent(
     norm = check_norm(norm)
     if not callable(rho) or isinstance(rho, torch.Tensor):
         check_rho(rho)
+    else:
+        check_schedule_nonnegative("rho", rho)
     if direction is not None and not isinstance(direction, GradientTransformation):
         raise TypeError(
             f"direction must be a GradientTransformation, got {type(direction).__name__}"
@@ -521,6 +528,7 @@ class _Built(NamedTuple):
 class _SamAscent:
     """``sam_ascent``: its chain, built for each tree structure it meets (masks resolved then)."""
 
+    TAKES_COUNT: ClassVar[bool] = True
     rho: Rho
     adaptive: bool | Mask
     eta: float
@@ -545,7 +553,9 @@ class _SamAscent:
         key = tuple(_tree.key_paths(params))
         found = self.built.get(key)
         if found is None:
-            found = self.built[key] = self._build(params)
+            found = self._build(params)
+            if not torch.compiler.is_compiling():  # a traced graph keeps no Python side effect
+                self.built[key] = found
         return found
 
     def _build(self, params: Params) -> _Built:
@@ -563,7 +573,7 @@ class _SamAscent:
         template = tuple(
             () if i == 0 and self.direction is not None else s for i, s in enumerate(inner)
         )
-        return _Built(ascent, template[:-1] + ((),), not all(flags))
+        return _Built(ascent, (*template[:-1], ()), not all(flags))
 
     def _expand(self, built: _Built, state: SamAscentState) -> OptState:
         inner = list(built.template)

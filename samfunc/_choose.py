@@ -73,11 +73,26 @@ class ChoosingStep:
     def __init__(self, step: StepFn, first: StepFn, pieces: Pieces) -> None:
         self.pieces = pieces
         self.name: str = pieces.name
-        self.full_step: StepFn = _Kinded(step, True)
-        self.cheap_step: StepFn = _Kinded(step, False)
+        # Four functions, four code objects: compiled, each is its own graph (one
+        # shared code object would make torch.compile guard on the kind and recompile).
+
+        def full_step(state: Any, batch: Any) -> Any:
+            return step(state, batch, Kind(True))
+
+        def cheap_step(state: Any, batch: Any) -> Any:
+            return step(state, batch, Kind(False))
+
+        def finish_full(state: Any, batch: Any, first: Any) -> Any:
+            return step(state, batch, Kind(True, first))
+
+        def finish_cheap(state: Any, batch: Any, first: Any) -> Any:
+            return step(state, batch, Kind(False, first))
+
+        self.full_step: StepFn = full_step
+        self.cheap_step: StepFn = cheap_step
         self.first_pass: Optional[StepFn] = first if reads_gradient(pieces) else None
-        self.finish_full: StepFn = _Kinded(step, True, after_first=True)
-        self.finish_cheap: StepFn = _Kinded(step, False, after_first=True)
+        self.finish_full: StepFn = finish_full
+        self.finish_cheap: StepFn = finish_cheap
 
     def __call__(self, state: Any, batch: Any) -> tuple[Any, Any]:
         """One step: the policy's choice, then the pure step of that kind."""
@@ -110,18 +125,6 @@ class ChoosingStep:
             part = getattr(self, name)
             setattr(compiled, name, None if part is None else torch.compile(part, **options))
         return compiled
-
-
-class _Kinded:
-    """A train step told which kind of step to take (and, after a first pass, given it)."""
-
-    def __init__(self, step: StepFn, full: bool, after_first: bool = False) -> None:
-        self.step = step
-        self.full = full
-        self.after_first = after_first
-
-    def __call__(self, state: Any, batch: Any, first: Any = None) -> Any:
-        return self.step(state, batch, Kind(self.full, first if self.after_first else None))
 
 
 def compile_step(step: Callable[..., Any], **options: Any) -> Callable[..., Any]:

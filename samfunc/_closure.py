@@ -37,7 +37,14 @@ __all__ = ["ClosurePasses", "grads_of", "write_grads"]
 
 def grads_of(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Each parameter's ``.grad``, zeros where it has none (what a method sees)."""
-    return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    for index, grad in enumerate(grads):
+        if grad.layout != torch.strided:
+            raise TypeError(
+                f"SAM needs dense gradients; parameter {index} of this optimizer has a "
+                f"{grad.layout} one (e.g. from nn.Embedding(sparse=True)): use sparse=False"
+            )
+    return grads
 
 
 def write_grads(

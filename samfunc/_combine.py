@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Literal, NamedTuple, Optional
+from typing import ClassVar, Literal, NamedTuple, Optional
 
 import torch
 
@@ -46,6 +46,11 @@ def takes_count(transform: GradientTransformation) -> bool:
         >>> takes_count(samfunc.scale_by_radius(0.1)), takes_count(samfunc.normalize())
         (True, False)
     """
+    marked = getattr(getattr(transform.update, "__self__", None), "TAKES_COUNT", None)
+    if isinstance(marked, bool):  # samfunc's own transforms say so (also inside torch.compile)
+        return marked
+    if torch.compiler.is_compiling():  # inspect cannot run in a traced function
+        return False
     try:
         parameters = inspect.signature(transform.update).parameters
     except (TypeError, ValueError):  # a builtin without a signature
@@ -69,6 +74,8 @@ def update_with_count(
 
 @dataclasses.dataclass(frozen=True)
 class _Chain:
+    TAKES_COUNT: ClassVar[bool] = True
+
     transforms: tuple[GradientTransformation, ...]
     takes: tuple[bool, ...]
 
@@ -126,6 +133,8 @@ class MaskedState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Masked:
+    TAKES_COUNT: ClassVar[bool] = True
+
     inner: GradientTransformation
     mask: Mask
     others: Literal["keep", "zero"]

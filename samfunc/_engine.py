@@ -31,6 +31,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Callable
@@ -57,6 +58,7 @@ from ._combine import takes_count, update_with_count
 from ._distributed import DataParallel, check_data_parallel
 from ._finite import NonFinitePolicy, check_policy, raise_if_nonfinite, refuse_raise_under_compile
 from ._grad import grad_and_value
+from ._loss_scale import LossScaleState, unscale_grads
 from ._module import RunningStatsGuard
 from ._tree import PyTree
 from ._validate import check_bool, check_positive_int
@@ -291,12 +293,26 @@ class LossPasses:
         replay: the generators' states noted by ``first`` (one per part).
     """
 
-    def __init__(self, loss_fn: LossFn, run: RunOptions, aux: bool, replay: Any = None) -> None:
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        run: RunOptions,
+        aux: bool,
+        replay: Any = None,
+        unscale: Optional[LossScaleState] = None,
+    ) -> None:
         self.loss_fn = loss_fn
         self.run = run
         self.aux = aux
         self.grad_fn = grad_and_value(loss_fn, has_aux=aux)
         self.replay: Optional[list[_rng.RngStates]] = replay
+        self.unscale = unscale
+
+    def _unscaled(self, done: Pass) -> Pass:
+        """With dynamic loss scaling, the pass's gradient divided by the scale (GradScaler's)."""
+        if self.unscale is None:
+            return done
+        return Pass(unscale_grads(done.grads, self.unscale)[0], done.value)
 
     def _parts(self, batch: Batch) -> list[Batch]:
         parts = self.run.num_chunks * self.run.accum_steps
@@ -318,12 +334,13 @@ class LossPasses:
             done = _chunk_mean(grads, value, self.aux)
         else:
             done = self._over_parts(params, self._parts(batch), note=run.reuse_rng)
+        done = self._unscaled(done)
         return _mean_pass(done, run.data_parallel, self.aux) if reduce else done
 
     def second(self, point: Params, batch: Batch) -> Pass:
         """The pass at ``w + e`` on the first pass's parts and draws, one BatchNorm update kept."""
         with RunningStatsGuard().held():
-            done = self._over_parts(point, self._parts(batch), note=False)
+            done = self._unscaled(self._over_parts(point, self._parts(batch), note=False))
         if self.run.reduces_each_pass:
             assert self.run.data_parallel is not None
             grads = _distributed.all_mean(done.grads, self.run.data_parallel.group)
@@ -545,19 +562,26 @@ def interpret(
     state: Any,
     run: RunOptions,
     full: Optional[bool] = None,
+    unscale: Optional[LossScaleState] = None,
 ) -> tuple[PyTree, Any, Any]:
     """One step of the method: ``(grads, loss or (loss, aux), new_state)``.
 
     ``full`` forces the kind of step (True: both passes; False: one pass at
     ``w``, the gradient from ``combiner.reuse``); None lets the method's
-    policy choose (every step is full without one).
+    policy choose (every step is full without one). ``unscale``: the loss
+    was multiplied by this dynamic loss scale, and every pass's gradient is
+    divided by it before any piece sees it.
     """
     if is_whole(pieces):
         assert pieces.whole is not None
         return _call_whole(pieces.whole, loss_fn, params, batch, state, run)
+    if unscale is not None and is_whole(pieces):
+        raise ValueError(f"{pieces.name} takes its own passes, which a loss scale cannot reach")
     loss = _checked(pieces, loss_fn, params, state, run)
-    passes = LossPasses(loss, run, _aux(pieces, run))
-    return run_step(pieces, passes, params, batch, state, full)
+    passes = LossPasses(loss, run, _aux(pieces, run), unscale=unscale)
+    # With reuse_rng, no other thread may draw between a pass and its replay.
+    with _rng.RNG_LOCK if run.reuse_rng else contextlib.nullcontext():
+        return run_step(pieces, passes, params, batch, state, full)
 
 
 def run_step(
@@ -584,24 +608,34 @@ def run_step(
     if not full or not _two_pass(pieces):
         return _one_pass(pieces, passes, params, batch, state)
     if run.num_chunks > 1:
-        grads, value, new_state = _chunked(pieces, passes.loss_fn, params, batch, state, run)
+        unscale = getattr(passes, "unscale", None)
+        grads, value, new_state = _chunked(
+            pieces, passes.loss_fn, params, batch, state, run, unscale
+        )
     else:
         first_pass = passes.first(params, batch, reduce=run.reduces_each_pass)
         _check(first_pass.grads, FIRST_PASS, first_pass.value, run, passes.aux, False)
         grads, value, new_state = _full(pieces, passes, params, batch, state, first_pass, True)
     if run.local:
         grads, value, new_state = _mean_of_processes(pieces, grads, value, new_state, run)
-    return grads, _reported(pieces, value, run.has_aux), advance(new_state, True)
+    return grads, _reported(pieces, value, passes), advance(new_state, True)
 
 
 def first_phase(
-    pieces: Pieces, loss_fn: LossFn, params: Params, batch: Any, state: Any, run: RunOptions
+    pieces: Pieces,
+    loss_fn: LossFn,
+    params: Params,
+    batch: Any,
+    state: Any,
+    run: RunOptions,
+    unscale: Optional[LossScaleState] = None,
 ) -> FirstPass:
     """The first pass and the policy's verdict on it (for a policy that reads ``g``)."""
     if not reads_gradient(pieces):
         raise TypeError(f"{pieces.name}'s policy does not read the gradient: call it whole")
     loss = _checked(pieces, loss_fn, params, state, run)
-    return _first(pieces, LossPasses(loss, run, _aux(pieces, run)), params, batch, state)
+    passes = LossPasses(loss, run, _aux(pieces, run), unscale=unscale)
+    return _first(pieces, passes, params, batch, state)
 
 
 def finish_phase(
@@ -613,10 +647,11 @@ def finish_phase(
     first: FirstPass,
     run: RunOptions,
     full: bool,
+    unscale: Optional[LossScaleState] = None,
 ) -> tuple[PyTree, Any, MethodState]:
     """The rest of the step after ``first_phase``: the full step if ``full``, else the cheap one."""
     loss = _checked(pieces, loss_fn, params, state, run)
-    passes = LossPasses(loss, run, _aux(pieces, run), first.replay)
+    passes = LossPasses(loss, run, _aux(pieces, run), first.replay, unscale)
     return _finish(pieces, passes, params, batch, state, first, full)
 
 
@@ -645,7 +680,7 @@ def _finish(
     else:
         grads, combine_state = reuse(pieces, first.grads, state, params)
         new_state = state._replace(combine=combine_state)
-    return grads, _reported(pieces, first.value, passes.run.has_aux), advance(new_state, full)
+    return grads, _reported(pieces, first.value, passes), advance(new_state, full)
 
 
 def _full(
@@ -666,7 +701,7 @@ def _full(
     e, ascent_state = ascend(pieces, first.grads, state, params)
     perturbed = _tree.add_scaled(params, e, 1.0)
     selected = batch
-    if pieces.select_fraction is not None:
+    if pieces.select_fraction is not None and pieces.select_fraction < 1.0:
         selected = _sharpest(pieces.select_fraction, passes, perturbed, batch, first.value)
     second = passes.second(perturbed, selected)
     if check:
@@ -697,7 +732,7 @@ def _one_pass(
     combine_state = state.combine
     if pieces.objective is not None:
         loss_fn, combine_state = pieces.objective(passes.loss_fn, params, state)
-        passes = LossPasses(loss_fn, run, True)
+        passes = LossPasses(loss_fn, run, True, unscale=getattr(passes, "unscale", None))
     point = evaluation_point(pieces, params, state)
     done = passes.first(point, batch, reduce=True)
     value = done.value
@@ -706,7 +741,7 @@ def _one_pass(
     _check(done.grads, ONE_PASS, value, run, True if pieces.objective else passes.aux, True)
     grads, combine_state = reuse(pieces, done.grads, state._replace(combine=combine_state), point)
     new_state = advance(state._replace(combine=combine_state), False)
-    return grads, _reported(pieces, value, run.has_aux), new_state
+    return grads, _reported(pieces, value, passes), new_state
 
 
 def _objective_value(value: Any, run: RunOptions) -> Any:
@@ -718,12 +753,12 @@ def _objective_value(value: Any, run: RunOptions) -> Any:
     return loss, aux
 
 
-def _reported(pieces: Pieces, value: Any, has_aux: bool) -> Any:
+def _reported(pieces: Pieces, value: Any, passes: Any) -> Any:
     """The loss (and aux) to return, without the per-sample losses kept for ESAM."""
-    if not _per_sample(pieces):
+    if not _per_sample(pieces) or not passes.aux:
         return value
     loss, (_, aux) = value
-    return (loss, aux) if has_aux else loss
+    return (loss, aux) if passes.run.has_aux else loss
 
 
 def _chunked(
@@ -733,6 +768,7 @@ def _chunked(
     batch: Batch,
     state: MethodState,
     run: RunOptions,
+    unscale: Optional[LossScaleState],
 ) -> tuple[PyTree, Any, MethodState]:
     """m-sharpness: one ``e`` per chunk, the gradients averaged.
 
@@ -744,7 +780,7 @@ def _chunked(
     single = run._replace(num_chunks=1)
 
     def one_chunk(chunk: Batch, check: bool) -> tuple[PyTree, Any, MethodState]:
-        passes = LossPasses(loss_fn, single, aux)
+        passes = LossPasses(loss_fn, single, aux, unscale=unscale)
         first = passes.first(params, chunk, reduce=False)
         if check:
             _check(first.grads, FIRST_PASS, first.value, run, aux, False)

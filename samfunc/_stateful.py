@@ -27,6 +27,7 @@ turning every parameter into NaN; the seed's checkpoints load as they are.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -34,7 +35,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from . import _tree
+from . import _rng, _tree
 from ._ascent import normalize, sam_ascent, scale_by_param_abs, scale_by_radius
 from ._base import GradientTransformation, Method, Pieces
 from ._closure import ClosurePasses, grads_of, write_grads
@@ -122,7 +123,9 @@ def _check_method(method: Any, rho: float, adaptive: bool, eta: float) -> Option
     return pieces
 
 
-def _groups_ascent(options: list[tuple[float, bool, float]]) -> GradientTransformation:
+def _groups_ascent(
+    keys: list[str], options: list[tuple[float, bool, float]]
+) -> GradientTransformation:
     """SAM's ascent over a flat list of leaves, each with its group's rho, adaptive and eta.
 
     One group (the usual case) is ``sam_ascent``; several are the same pieces,
@@ -132,13 +135,14 @@ def _groups_ascent(options: list[tuple[float, bool, float]]) -> GradientTransfor
     if len(set(options)) == 1:
         rho, adaptive, eta = options[0]
         return sam_ascent(rho, adaptive=adaptive, eta=eta)
+
     rescales = [
-        masked(scale_by_param_abs(eta), [o == (rho, True, eta) for o in options])
+        masked(scale_by_param_abs(eta), dict(zip(keys, [o == (rho, True, eta) for o in options])))
         for rho, adaptive, eta in sorted(set(options))
         if adaptive
     ]
     radii = [
-        masked(scale_by_radius(rho), [o[0] == rho for o in options])
+        masked(scale_by_radius(rho), dict(zip(keys, [o[0] == rho for o in options])))
         for rho in sorted({o[0] for o in options})
     ]
     return chain(*rescales, normalize(), *rescales, *radii)
@@ -318,7 +322,8 @@ class SAM(torch.optim.Optimizer):
             return self._method_pieces
         key = tuple(leaves.options)
         if key not in self._groups_pieces:
-            self._groups_pieces = {key: ascent_pieces("sam", _groups_ascent(leaves.options))}
+            ascent = _groups_ascent(leaves.keys, leaves.options)
+            self._groups_pieces = {key: ascent_pieces("sam", ascent)}
         return self._groups_pieces[key]
 
     def _state(self, pieces: Pieces, leaves: _Leaves) -> Any:
@@ -339,7 +344,7 @@ class SAM(torch.optim.Optimizer):
         return RunOptions(reuse_rng=self.reuse_rng, nonfinite=engine)  # type: ignore[arg-type]
 
     def _refuse_mid_step(self, action: str) -> None:
-        if self._perturbed is not None or self._moved is not None:
+        if self._moved is not None:
             raise RuntimeError(
                 f"cannot {action} between first_step and second_step: the parameters are at "
                 "w + e; call second_step() or restore() first"
@@ -563,17 +568,19 @@ class SAM(torch.optim.Optimizer):
             lambda: super(SAM, self).zero_grad(set_to_none=True),
         )
         tree = leaves.tree(leaves.params)
-        try:
-            if is_whole(pieces):
-                assert pieces.whole is not None
-                grads, loss, new_state = call_whole(
-                    pieces.whole, passes.loss_fn, tree, None, state, passes.run
-                )
-            else:
-                grads, loss, new_state = run_step(pieces, passes, tree, None, state)
-        finally:
-            passes.restore()
-            self._watch.seen = False
+        locked = _rng.RNG_LOCK if self.reuse_rng else contextlib.nullcontext()
+        with locked:
+            try:
+                if is_whole(pieces):
+                    assert pieces.whole is not None
+                    grads, loss, new_state = call_whole(
+                        pieces.whole, passes.loss_fn, tree, None, state, passes.run
+                    )
+                else:
+                    grads, loss, new_state = run_step(pieces, passes, tree, None, state)
+            finally:
+                passes.restore()
+                self._watch.seen = False
         self._opt_called = True
         if loss is None:  # the seed's pattern: the closure's loss, at w + e
             loss = passes.loss

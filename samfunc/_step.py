@@ -55,7 +55,7 @@ from ._engine import (
     run_options,
 )
 from ._finite import NonFinitePolicy, check_policy
-from ._loss_scale import DynamicLossScale, LossScaleState, scale_loss, unscale_grads
+from ._loss_scale import DynamicLossScale, LossScaleState, scale_loss
 from ._module import ModuleAux, mean_over_parts, module_loss, module_state
 from ._transform import init_count
 from ._tree import PyTree
@@ -86,7 +86,8 @@ class StepOptions(SamOptions, PartsOptions, total=False):
             ``method=samfunc.sam(rho, adaptive=..., ...)``, which they build
             (not with ``method``); ``init_train_state``'s default state fits
             ``sam`` with any ``rho`` (a float or a schedule) and ``norm``.
-        sam: False for the plain-gradient baseline (one pass, same pipeline).
+        sam: False for the plain-gradient baseline (one pass, same pipeline);
+            the shortcuts above are still checked, and unused.
         reuse_rng: the second pass replays the first pass's random draws
             (dropout masks), per micro-batch; eager only.
         nonfinite: a gradient with a NaN or inf element (in either pass, or
@@ -100,8 +101,9 @@ class StepOptions(SamOptions, PartsOptions, total=False):
             passes run on the loss times the scale (from ``state.loss_scale``;
             build the state with ``init_train_state(..., loss_scale=...)``),
             the gradient is unscaled once, and a step with an inf or NaN is
-            skipped while the scale backs off. Needs ``nonfinite="skip"`` and
-            SAM's normalized ascent (the default method, ``norm`` "l2" or "inf").
+            skipped while the scale backs off. Each pass's gradient is
+            unscaled before the method sees it, so any method works. Needs
+            ``nonfinite="skip"``.
     """
 
     method: Optional[Method]
@@ -238,14 +240,9 @@ def _method(options: StepOptions) -> Method:
             )
         pieces_of(method)  # a clear error for anything but a Method
         return method
-    if not sam_on:
-        if given:
-            raise ValueError(
-                f"sam=False takes the plain gradient, which has no {given[0]}: leave it out"
-            )
-        return plain_gradient()
     shape: dict[str, Any] = {k: options[k] for k in given}  # type: ignore[literal-required]
-    return sam(**shape)
+    built = sam(**shape)  # the shortcuts are checked even when sam=False leaves them unused
+    return built if sam_on else plain_gradient()
 
 
 def _settings(options: StepOptions) -> _Settings:
@@ -282,12 +279,6 @@ def _settings(options: StepOptions) -> _Settings:
                 "loss_scale skips steps with an inf or NaN gradient by design (the scale backs "
                 f"off and the step is retried), so it needs nonfinite='skip', got {policy!r}"
             )
-        if options.get("method") is not None or options.get("norm", "l2") == "none":
-            raise ValueError(
-                "loss_scale needs SAM's normalized ascent (the default method, norm 'l2' or "
-                "'inf'): a method's ascent, combiner or state would see the scaled gradient; "
-                "use bfloat16 autocast for other methods"
-            )
     return _Settings(pieces_of(method), run, policy, loss_scale)
 
 
@@ -314,15 +305,16 @@ def _passes(
     settings: _Settings,
     run: RunOptions,
     kind: Kind,
+    unscale: Optional[LossScaleState] = None,
 ) -> tuple[PyTree, Any, Any]:
     """The method's step through the interpreter: ``(grads, value, new method state)``."""
-    method_state = _method_state(state, settings.pieces)
+    pieces, params = settings.pieces, state.params
+    method_state = _method_state(state, pieces)
     if kind.first is not None:
         assert kind.full is not None
-        return finish_phase(
-            settings.pieces, loss_fn, state.params, batch, method_state, kind.first, run, kind.full
-        )
-    return interpret(settings.pieces, loss_fn, state.params, batch, method_state, run, kind.full)
+        first, full = kind.first, kind.full
+        return finish_phase(pieces, loss_fn, params, batch, method_state, first, run, full, unscale)
+    return interpret(pieces, loss_fn, params, batch, method_state, run, kind.full, unscale)
 
 
 def _scaled_loss(
@@ -359,8 +351,11 @@ def _gradient(
         )
     scaled = _scaled_loss(loss_fn, scale, has_aux)
     run = run._replace(has_aux=True)
-    grads, (_, (loss, aux)), method_state = _passes(scaled, state, batch, settings, run, kind)
-    grads, finite = unscale_grads(grads, scale)
+    # Every pass is unscaled before any piece sees it: the method runs on true gradients.
+    grads, (_, (loss, aux)), method_state = _passes(
+        scaled, state, batch, settings, run, kind, unscale=scale
+    )
+    finite = _tree.all_finite(grads)
     loss = loss.mean() if loss.ndim else loss  # one loss per chunk or micro-batch: the mean
     data_parallel = run.data_parallel
     if data_parallel is not None:  # the passes averaged the scaled loss, not this one

@@ -139,7 +139,7 @@ def test_compiled_step_skips_a_nonfinite_batch_without_recompiling(compiled_step
     assert max_abs_diff(before.params, state.params) == 0.0
     assert max_abs_diff(before.buffers, state.buffers) == 0.0
     assert max_abs_diff(before.opt_state, state.opt_state) == 0.0
-    assert int(state_after_good.step) == 3
+    assert int(state_after_good.step) == 2  # the skipped step is no update
 
 
 def test_bad_rho_inside_a_compiled_function() -> None:

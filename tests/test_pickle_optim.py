@@ -102,13 +102,6 @@ ALIASES: dict[str, Callable[[], samfunc.GradientTransformation]] = {
     "adamw": lambda: samfunc.adamw(warmup_cosine(), weight_decay=0.05),
 }
 
-# "Can't pickle local object 'chain.<locals>.init'": AttributeError, PicklingError from 3.14.
-CHAIN_XFAIL = pytest.mark.xfail(
-    raises=(AttributeError, pickle.PicklingError),
-    strict=True,
-    reason="chain is a closure: made picklable in _combine",
-)
-
 
 def params() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
@@ -185,9 +178,9 @@ def test_sgd_with_momentum_and_a_schedule_from_its_parts_runs_bitwise(
 @pytest.mark.parametrize(
     "round_trip",
     [
-        pytest.param(pickled, id="pickle", marks=CHAIN_XFAIL),
+        pytest.param(pickled, id="pickle"),
         pytest.param(deep_copied, id="deepcopy"),
-        pytest.param(torch_saved, id="torch.save", marks=CHAIN_XFAIL),
+        pytest.param(torch_saved, id="torch.save"),
     ],
 )
 @pytest.mark.parametrize("name", sorted(ALIASES))

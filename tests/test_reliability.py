@@ -128,6 +128,8 @@ def test_a_user_rho_schedule_that_goes_negative_skips_the_step() -> None:
     """An arbitrary callable cannot be checked when built: the step catches it when run."""
     opt = samfunc.sgd(0.1, momentum=0.9)
     step = samfunc.make_train_step(quadratic, opt, rho=lambda count: 0.1 - 0.2 * count)
+    floats = samfunc.make_train_step(quadratic, opt, rho=lambda count: 0.1)  # a float, not a tensor
+    assert bool(floats(samfunc.init_train_state(make_params(), opt), torch.ones(3))[1].finite)
     state = samfunc.init_train_state(make_params(), opt)
     state, metrics = step(state, torch.ones(3))  # rho 0.1
     assert bool(metrics.finite)
@@ -136,7 +138,11 @@ def test_a_user_rho_schedule_that_goes_negative_skips_the_step() -> None:
     assert not bool(metrics.finite)
     assert_trees_equal(before.params, state.params)
     assert_trees_equal(before.opt_state, state.opt_state)
-    assert int(state.step) == 2  # the attempt is counted, so the schedule moves on
+    # One clock: a skipped step is no update, so the schedule stays at count 1 and
+    # every later step is skipped too, visibly (metrics.finite False), never applied.
+    assert int(state.step) == 1 and int(state.method_state.steps) == 1
+    state, metrics = step(state, torch.ones(3))
+    assert not bool(metrics.finite) and int(state.step) == 1
 
 
 # --- item 4: non-finite gradients ----------------------------------------------------------------
@@ -186,7 +192,7 @@ def test_train_step_skips_a_nonfinite_step_and_goes_on(sam: bool) -> None:
     for name in ("params", "opt_state", "buffers"):
         assert_trees_equal(getattr(before, name), getattr(state, name))
     state, metrics = step(state, good)
-    assert bool(metrics.finite) and int(state.step) == 3
+    assert bool(metrics.finite) and int(state.step) == 2  # the skipped step is no update
 
 
 def test_train_step_nonfinite_raise_and_propagate() -> None:
