@@ -51,7 +51,6 @@ from ._combine import masked as masked
 from ._distributed import DataParallel as DataParallel
 from ._distributed import all_mean as all_mean
 from ._distributed import data_parallel as data_parallel
-from ._engine import FirstPass as FirstPass
 from ._finite import NonFiniteGradientError as NonFiniteGradientError
 from ._loss_scale import DynamicLossScale as DynamicLossScale
 from ._loss_scale import LossScaleState as LossScaleState
@@ -68,6 +67,7 @@ from ._module import module_buffers as module_buffers
 from ._module import module_loss as module_loss
 from ._module import module_params as module_params
 from ._module import module_state as module_state
+from ._passes import FirstPass as FirstPass
 from ._policy import SharpStepsState as SharpStepsState
 from ._policy import every_n_steps as every_n_steps
 from ._policy import from_step as from_step

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from ._base import Pieces
-from ._engine import kind_of_step, reads_gradient
+from ._phases import kind_of_step, reads_gradient
 
 __all__ = ["Kind", "PLANNED", "ChoosingStep", "compile_step"]
 

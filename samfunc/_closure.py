@@ -28,8 +28,9 @@ from typing import Any, Optional
 import torch
 
 from . import _rng, _tree
-from ._engine import Pass, RunOptions
 from ._module import RunningStatsGuard
+from ._options import RunOptions
+from ._passes import Pass
 from ._tree import PyTree
 
 __all__ = ["ClosurePasses", "grads_of", "write_grads"]

@@ -46,7 +46,7 @@ from ._base import (
     Rho,
     SamOptions,
 )
-from ._engine import run_options
+from ._options import run_options
 from ._tree import PyTree
 from ._validate import check_bool, check_rho
 from .methods.sam import sam

@@ -40,22 +40,20 @@ from ._ascent import normalize, sam_ascent, scale_by_param_abs, scale_by_radius
 from ._base import GradientTransformation, Method, Pieces
 from ._closure import ClosurePasses, grads_of, write_grads
 from ._combine import chain, masked
-from ._engine import (
-    FIRST_PASS,
-    SECOND_PASS,
-    RunOptions,
+from ._engine import run_step
+from ._finite import NonFinitePolicy, check_policy, raise_if_nonfinite
+from ._module import RunningStatsGuard
+from ._options import FIRST_PASS, SECOND_PASS, RunOptions
+from ._phases import (
     advance,
     ascend,
     ascent_pieces,
+    call_whole,
     combine,
     init_state,
     is_whole,
     pieces_of,
-    run_step,
 )
-from ._engine import _call_whole as call_whole
-from ._finite import NonFinitePolicy, check_policy, raise_if_nonfinite
-from ._module import RunningStatsGuard
 from ._validate import check_bool, check_nonnegative
 from .integrations import lightning
 
@@ -282,6 +280,7 @@ class SAM(torch.optim.Optimizer):
         self.skipped_steps = getattr(self, "skipped_steps", 0)
         self.method_state: Any = getattr(self, "method_state", None)
         self._groups_pieces: dict[tuple[Any, ...], Pieces] = {}
+        self._groups_state: Optional[tuple[tuple[Any, ...], Any]] = None
         self._watch = _BackwardWatch()
         self._hooked: set[int] = set()
         self._handles: list[Any] = []
@@ -330,7 +329,12 @@ class SAM(torch.optim.Optimizer):
         """The method's state (built at the first step); a fresh one for the groups' SAM."""
         tree = leaves.tree(leaves.params)
         if self._method_pieces is None:
-            return init_state(pieces, tree)
+            # SAM's state holds nothing that lasts a step: one fresh state serves every step.
+            key = tuple(leaves.options)
+            if self._groups_state is None or self._groups_state[0] != key:
+                detached = {k: p.detach() for k, p in tree.items()}
+                self._groups_state = (key, init_state(pieces, detached))
+            return self._groups_state[1]
         if self.method_state is None:
             self.method_state = init_state(pieces, {k: p.detach() for k, p in tree.items()})
         return self.method_state

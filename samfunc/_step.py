@@ -43,20 +43,13 @@ from ._base import (
 )
 from ._choose import PLANNED, ChoosingStep, Kind
 from ._distributed import all_mean, refuse_parallel_wrapper
-from ._engine import (
-    FirstPass,
-    RunOptions,
-    finish_phase,
-    first_phase,
-    init_state,
-    interpret,
-    is_whole,
-    pieces_of,
-    run_options,
-)
+from ._engine import finish_phase, first_phase, interpret
 from ._finite import NonFinitePolicy, check_policy
 from ._loss_scale import DynamicLossScale, LossScaleState, scale_loss
 from ._module import ModuleAux, mean_over_parts, module_loss, module_state
+from ._options import RunOptions, run_options
+from ._passes import FirstPass
+from ._phases import init_state, is_whole, pieces_of
 from ._transform import init_count
 from ._tree import PyTree
 from ._update import apply_updates

@@ -53,7 +53,8 @@ from .._base import (
     Updates,
 )
 from .._combine import chain, takes_count
-from .._engine import Interpreted, pieces_of, reads_gradient
+from .._engine import Interpreted
+from .._phases import pieces_of, reads_gradient
 from .._transform import scale
 from .._validate import check_fraction, check_in_interval, check_nonnegative, check_number
 
