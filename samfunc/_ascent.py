@@ -550,7 +550,7 @@ class _SamAscent:
 
     def _for_params(self, params: Params) -> _Built:
         """The chain for these params' leaves, built once per tree structure."""
-        key = tuple(_tree.key_paths(params))
+        key = _structure_key(params)
         found = self.built.get(key)
         if found is None:
             found = self._build(params)
@@ -604,6 +604,13 @@ class _SamAscent:
         full = self._expand(built, state)
         e, new_full = update_with_count(built.chain, True, updates, full, params, count)
         return e, self._compact(built, new_full)
+
+
+def _structure_key(params: Params) -> tuple[str, ...]:
+    """The key paths of ``params``: a flat dict of tensors (the usual tree) needs no walk."""
+    if type(params) is dict and all(isinstance(v, torch.Tensor) for v in params.values()):
+        return tuple(params)
+    return tuple(_tree.key_paths(params))
 
 
 def mask_flags(mask: Optional[Mask], params: Params) -> tuple[bool, ...]:

@@ -124,6 +124,11 @@ def run_step(
         return _finish(pieces, passes, params, batch, state, first, bool(first.full))
     if not full or not two_pass(pieces):
         return _one_pass(pieces, passes, params, batch, state)
+    if pieces.whole is not None:  # a bare method given a policy: its own grad takes the passes
+        grads, value, inner = call_whole(
+            pieces.whole, passes.loss_fn, params, batch, state.combine, run
+        )
+        return grads, value, advance(state._replace(combine=inner), True)
     if run.num_chunks > 1:
         unscale = getattr(passes, "unscale", None)
         grads, value, new_state = _chunked(
@@ -210,11 +215,6 @@ def _full(
     check: bool,
 ) -> tuple[PyTree, Any, MethodState]:
     """After the first pass: the ascent, the pass at ``w + e``, and the combiner."""
-    if pieces.whole is not None:  # a bare method given a policy: its own grad makes the step
-        grads, value, inner = call_whole(
-            pieces.whole, passes.loss_fn, params, batch, state.combine, passes.run
-        )
-        return grads, value, state._replace(combine=inner)
     e, ascent_state = ascend(pieces, first.grads, state, params)
     perturbed = _tree.add_scaled(params, e, 1.0)
     selected = batch

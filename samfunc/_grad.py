@@ -66,13 +66,12 @@ def grad_and_value(
     Returns ``f(params, batch) -> (grads, value)`` where ``value`` is the loss,
     or ``(loss, aux)`` with ``has_aux``; both are detached.
     """
-    func_version = torch.func.grad_and_value(loss_fn, has_aux=has_aux)
 
     def run(params: PyTree, batch: Any) -> tuple[PyTree, Any]:
         if _plain_autograd_is_exact(params):
             grads, value = _autograd_grad_and_value(loss_fn, params, batch, has_aux)
-        else:
-            grads, value = func_version(params, batch)
+        else:  # built per call: cheap next to a torch.func pass, and nothing to keep
+            grads, value = torch.func.grad_and_value(loss_fn, has_aux=has_aux)(params, batch)
         _check_dense(grads)
         return grads, value
 

@@ -99,6 +99,8 @@ def check_params(params: Params) -> None:
     leaves = _tree.leaves(params)
     if not leaves:
         raise ValueError("params must hold at least one tensor, got an empty tree")
+    if all(_plain_float_tensor(leaf) for leaf in leaves):  # one walk on the hot path
+        return
     found = _tree.find_leaf(params, lambda leaf: not isinstance(leaf, torch.Tensor))
     if found is not None:
         raise TypeError(
@@ -110,6 +112,13 @@ def check_params(params: Params) -> None:
             f"params must hold floating-point tensors, got {found[1].dtype} at {found[0]}"
         )
     _tree.check_detached(params, "params")
+
+
+def _plain_float_tensor(leaf: Any) -> bool:
+    """A floating-point tensor that is not an ``nn.Parameter`` requiring grad."""
+    if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+        return False
+    return not (isinstance(leaf, torch.nn.Parameter) and leaf.requires_grad)
 
 
 def _check_loss(loss: Any, has_aux: bool, per_sample: bool) -> None:

@@ -410,7 +410,7 @@ def _kept(finite: torch.Tensor, new: Any, old: Any) -> Any:
             f"{len(old_leaves)} leaves in, {len(new_leaves)} out"
         )
     kept = [
-        torch.where(finite.to(n.device), n, o) if isinstance(n, torch.Tensor) else n
+        torch.where(finite.to(n.device), n, o) if isinstance(n, torch.Tensor) and n is not o else n
         for n, o in zip(new_leaves, old_leaves)
     ]
     return _tree.unflatten(kept, spec)

@@ -624,6 +624,18 @@ def test_a_bare_method_takes_a_policy() -> None:
         params, state = functional_loop("_bare_every_2", batches)
         assert_trees_close(want, params, atol=1e-14, rtol=1e-12)
         assert samfunc.full_step_fraction(state) == 0.5
+        calls = []
+
+        def counted(params: Any, batch: Any) -> torch.Tensor:
+            calls.append(1)
+            return (params["w"] * batch).sum() ** 2
+
+        method = METHODS["_bare_every_2"]()
+        p = {"w": torch.ones(3, dtype=DTYPE)}
+        method_state = method.init(p)
+        for _ in range(4):
+            _, _, method_state = method.grad(counted, p, torch.ones(3, dtype=DTYPE), method_state)
+        assert len(calls) == 2 + 1 + 2 + 1  # its own two passes on full steps, one on cheap
         class_params, _, _ = class_run("_bare_every_2", batches)
         assert_trees_close(want, class_params, atol=1e-13, rtol=1e-11)
     finally:
