@@ -77,6 +77,8 @@ class ClosurePasses:
             ``first`` at ``w`` reads ``.grad`` instead of calling the closure.
         run: ``reuse_rng`` and ``nonfinite`` (the engine's policies).
         zero_grad: clears the gradients before each call (set to None).
+        storage: where ``w`` is kept while the parameters are elsewhere, one
+            buffer per parameter, reused from step to step (as the seed's ``old_p``).
 
     Attributes:
         loss: the last loss the closure returned (None if it never ran).
@@ -93,6 +95,7 @@ class ClosurePasses:
         fresh: bool,
         run: RunOptions,
         zero_grad: Callable[[], None],
+        storage: dict[torch.Tensor, torch.Tensor],
     ) -> None:
         self.closure = closure
         self.keys = list(keys)
@@ -103,6 +106,7 @@ class ClosurePasses:
         self.replay: Optional[list[_rng.RngStates]] = None
         self.loss: Any = None
         self.had = [p.grad is not None for p in self.params]
+        self.storage = storage
         self._backup: Optional[list[torch.Tensor]] = None
 
     @property
@@ -157,8 +161,10 @@ class ClosurePasses:
 
     @torch.no_grad()
     def _move_to(self, values: Sequence[torch.Tensor]) -> None:
-        if self._backup is None:
-            self._backup = [torch.empty_like(p) for p in self.params]
+        for p in self.params:
+            if p not in self.storage:
+                self.storage[p] = torch.empty_like(p)
+        self._backup = [self.storage[p] for p in self.params]
         _tree.copy_into(self._backup, self.params)
         _tree.copy_into(self.params, list(values))
 

@@ -281,6 +281,8 @@ class SAM(torch.optim.Optimizer):
         self.method_state: Any = getattr(self, "method_state", None)
         self._groups_pieces: dict[tuple[Any, ...], Pieces] = {}
         self._groups_state: Optional[tuple[tuple[Any, ...], Any]] = None
+        # w's storage while the parameters are at another point, reused from step to step.
+        self._storage: dict[torch.Tensor, torch.Tensor] = {}
         self._watch = _BackwardWatch()
         self._hooked: set[int] = set()
         self._handles: list[Any] = []
@@ -422,7 +424,9 @@ class SAM(torch.optim.Optimizer):
         tree = leaves.tree(leaves.params)
         e, ascent_state = ascend(pieces, leaves.tree(grads), state, tree)
         first = [g.clone() for g in grads] if pieces.combiner.reads_first_gradient else None
-        moved = ClosurePasses(_no_closure, leaves.keys, leaves.params, False, self._run(), _none)
+        moved = ClosurePasses(
+            _no_closure, leaves.keys, leaves.params, False, self._run(), _none, self._storage
+        )
         moved._move_to(_tree.add_leaves(leaves.params, _tree.leaves(e)))
         self._moved = moved
         self._perturbed = _Perturbed(pieces, state, first, ascent_state, leaves)
@@ -570,6 +574,7 @@ class SAM(torch.optim.Optimizer):
             fresh,
             self._run(),
             lambda: super(SAM, self).zero_grad(set_to_none=True),
+            self._storage,
         )
         tree = leaves.tree(leaves.params)
         locked = _rng.RNG_LOCK if self.reuse_rng else contextlib.nullcontext()
