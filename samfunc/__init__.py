@@ -10,7 +10,7 @@ Examples:
     >>> opt_state = opt.init(params)
 """
 
-from . import _serialization
+from . import _serialization, _tree
 from ._alias import adam as adam
 from ._alias import adamw as adamw
 from ._alias import sgd as sgd
@@ -141,6 +141,7 @@ from .methods.sam import wsam as wsam
 
 _serialization.register_safe_globals(
     [
+        _tree.Position,  # the class's keys of unnamed parameters, in a method state's dicts
         EmptyState,
         MaskedState,
         ApplyIfFiniteState,

@@ -265,13 +265,23 @@ class _ScaleByRadius:
         if self.schedule is not None:
             value = self.schedule(state.step if count is None else count)
             if not isinstance(value, torch.Tensor):  # a user's schedule may return a float
-                value = torch.tensor(float(value), dtype=torch.float64)
+                value = _radius_from(value)
             radius = guard_radius(value)
         assert radius is not None
         # ones * radius, not torch.full: under torch.compile a float that became
         # symbolic was baked into torch.full's output as a constant (torch 2.13).
         shown = (torch.ones_like(state.radius) * radius).to(state.radius.dtype)
         return _times_factor(updates, radius), ScaleByRadiusState(state.step + 1, shown)
+
+
+def _radius_from(value: Any) -> torch.Tensor:
+    """A schedule's value that is not a tensor, as a float64 0-d tensor (or a clear error)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"a rho schedule must return a number or a 0-d tensor, got {type(value).__name__} "
+            f"{value!r}"
+        )
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 class AverageGradientsState(NamedTuple):

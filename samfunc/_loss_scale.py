@@ -46,6 +46,7 @@ __all__ = [
     "dynamic_loss_scale",
     "scale_loss",
     "unscale_grads",
+    "unscaled",
 ]
 
 #: The growth tracker is an int32 tensor, as GradScaler's ``_growth_tracker``.
@@ -245,10 +246,21 @@ def unscale_grads(grads: PyTree, state: LossScaleState) -> tuple[PyTree, torch.T
         >>> unscale_grads({"w": torch.tensor([4.0, float("inf")])}, state)
         ({'w': tensor([1., inf])}, tensor(False))
     """
+    finite = _tree.all_finite(grads).to(state.scale.device)
+    return unscaled(grads, state), finite
+
+
+def unscaled(grads: PyTree, state: LossScaleState) -> PyTree:
+    """``grads`` times ``1 / scale`` as GradScaler computes it (no finite check).
+
+    Examples:
+        >>> import torch
+        >>> unscaled({"w": torch.tensor([4.0])}, dynamic_loss_scale(init_scale=4.0).init())
+        {'w': tensor([1.])}
+    """
     scale = state.scale
     if scale.device.type == "mps":
         inv_scale = scale.reciprocal()
     else:
         inv_scale = scale.double().reciprocal().float()
-    finite = _tree.all_finite(grads).to(scale.device)
-    return _tree.scale(grads, inv_scale), finite
+    return _tree.scale(grads, inv_scale)

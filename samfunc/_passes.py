@@ -20,7 +20,7 @@ from . import _batch, _distributed, _rng, _tree
 from ._base import LossFn, Params
 from ._distributed import DataParallel
 from ._grad import grad_and_value
-from ._loss_scale import LossScaleState, unscale_grads
+from ._loss_scale import LossScaleState, scale_loss, unscaled
 from ._module import RunningStatsGuard
 from ._options import RunOptions
 from ._tree import PyTree
@@ -118,15 +118,13 @@ class LossPasses:
         self.loss_fn = loss_fn
         self.run = run
         self.aux = aux
-        self.grad_fn = grad_and_value(loss_fn, has_aux=aux)
+        self.grad_fn: Callable[[Params, Any], tuple[PyTree, Any]] = grad_and_value(
+            loss_fn, has_aux=aux
+        )
+        if unscale is not None:
+            self.grad_fn = _ScaledGrad(loss_fn, aux, unscale)
         self.replay: Optional[list[_rng.RngStates]] = replay
         self.unscale = unscale
-
-    def _unscaled(self, done: Pass) -> Pass:
-        """With dynamic loss scaling, the pass's gradient divided by the scale (GradScaler's)."""
-        if self.unscale is None:
-            return done
-        return Pass(unscale_grads(done.grads, self.unscale)[0], done.value)
 
     def _parts(self, batch: Batch) -> list[Batch]:
         parts = self.run.num_chunks * self.run.accum_steps
@@ -148,13 +146,12 @@ class LossPasses:
             done = chunk_mean(grads, value, self.aux)
         else:
             done = self._over_parts(params, self._parts(batch), note=run.reuse_rng)
-        done = self._unscaled(done)
         return mean_pass(done, run.data_parallel, self.aux) if reduce else done
 
     def second(self, point: Params, batch: Batch) -> Pass:
         """The pass at ``w + e`` on the first pass's parts and draws, one BatchNorm update kept."""
         with RunningStatsGuard().held():
-            done = self._unscaled(self._over_parts(point, self._parts(batch), note=False))
+            done = self._over_parts(point, self._parts(batch), note=False)
         if self.run.reduces_each_pass:
             assert self.run.data_parallel is not None
             grads = _distributed.all_mean(done.grads, self.run.data_parallel.group)
@@ -186,3 +183,27 @@ class LossPasses:
             return Pass(*results[0])
         grads = _batch.mean_trees([r[0] for r in results])
         return Pass(grads, _batch.mean_values([r[1] for r in results], self.aux))
+
+
+class _ScaledGrad:
+    """A pass with dynamic loss scaling: the gradient of ``loss * scale``, divided by the scale.
+
+    The loss is scaled last, after any method's change of it (MESA's), and
+    the gradient is unscaled (GradScaler's float32 reciprocal) before any
+    piece sees it; the value is ``loss_fn``'s own, unscaled.
+    """
+
+    def __init__(self, loss_fn: LossFn, aux: bool, scale: LossScaleState) -> None:
+        self.loss_fn = loss_fn
+        self.aux = aux
+        self.scale = scale
+        self.inner = grad_and_value(self._scaled, has_aux=True)
+
+    def _scaled(self, params: Params, batch: Any) -> tuple[torch.Tensor, Any]:
+        out = self.loss_fn(params, batch)
+        loss, rest = out if self.aux else (out, None)
+        return scale_loss(loss, self.scale), (loss.detach(), rest)
+
+    def __call__(self, params: Params, batch: Any) -> tuple[PyTree, Any]:
+        grads, (_, (loss, rest)) = self.inner(params, batch)
+        return unscaled(grads, self.scale), ((loss, rest) if self.aux else loss)

@@ -254,10 +254,16 @@ def accepted_options(grad: Callable[..., Any]) -> Optional[frozenset[str]]:
 def call_whole(
     method: Method, loss_fn: LossFn, params: Params, batch: Any, state: Any, run: RunOptions
 ) -> tuple[PyTree, Any, Any]:
-    """A bare method's own ``grad``, given the options that differ from their defaults."""
+    """A bare method's own ``grad``, given the options that differ from their defaults.
+
+    The non-finite policy is the driver's, applied here to what the method
+    returns: a ``grad`` need not take ``nonfinite``.
+    """
     defaults = RunOptions()
     options = {
-        name: value for name, value in run._asdict().items() if value != getattr(defaults, name)
+        name: value
+        for name, value in run._asdict().items()
+        if value != getattr(defaults, name) and name != "nonfinite"
     }
     accepted = accepted_options(method.grad)
     if accepted is not None:
@@ -275,4 +281,8 @@ def call_whole(
             f"{type(result).__name__}"
             + (f" of length {len(result)}" if isinstance(result, tuple) else "")
         )
+    if run.nonfinite == "raise":
+        refuse_raise_under_compile()
+        value = result[1]
+        raise_if_nonfinite(result[0], "the method's gradient", value[0] if run.has_aux else value)
     return result

@@ -184,13 +184,19 @@ def full_step_fraction(state: Any) -> float:
         nan
     """
     method_state = getattr(state, "method_state", state)
+    if method_state is None and hasattr(state, "param_groups"):
+        raise TypeError(
+            "this samfunc.SAM holds no method state: without method= it takes the full step "
+            "every time (the fraction is 1), and with one it has none before its first step"
+        )
     count = getattr(method_state, "steps", None)
     full_steps = getattr(method_state, "full_steps", None)
     if not isinstance(count, torch.Tensor) or not isinstance(full_steps, torch.Tensor):
+        what = type(method_state).__name__
+        bare = " (a bare Method(init, grad) keeps no clock)" if method_state == () else ""
         raise TypeError(
             "full_step_fraction takes the state of a method built from pieces (samfunc.sam(), "
-            "looksam(), ...), a TrainState or a samfunc.SAM holding one, got "
-            f"{type(method_state).__name__}"
+            f"looksam(), ...), a TrainState or a samfunc.SAM holding one, got {what}{bare}"
         )
     steps = int(count)
     return float("nan") if steps == 0 else int(full_steps) / steps

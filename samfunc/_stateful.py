@@ -312,7 +312,8 @@ class SAM(torch.optim.Optimizer):
             option = (float(group["rho"]), bool(group["adaptive"]), float(group["eta"]))
             for i, p in enumerate(group["params"]):
                 if p.requires_grad:
-                    keys.append(names[i] if names else f"param_groups[{g}]['params'][{i}]")
+                    position = _tree.Position(f"param_groups[{g}]['params'][{i}]")
+                    keys.append(names[i] if names else position)
                     params.append(p)
                     options.append(option)
         return _Leaves(keys, params, options)
@@ -467,6 +468,11 @@ class SAM(torch.optim.Optimizer):
             with lightning.counted_as_step(self):
                 inner.second_step(zero_grad, scaler=scaler)
             return
+        if self._perturbed is None and not self._skip_second:
+            raise RuntimeError(
+                "second_step called without first_step: call first_step() after the first "
+                "backward pass (or use step(closure), which runs both)"
+            )
         self.restore()
         perturbed, self._perturbed = self._perturbed, None
         skipped, self._skip_second = self._skip_second, False

@@ -42,10 +42,10 @@ from ._base import (
     SamOptions,
 )
 from ._choose import PLANNED, ChoosingStep, Kind
-from ._distributed import all_mean, refuse_parallel_wrapper
+from ._distributed import refuse_parallel_wrapper
 from ._engine import finish_phase, first_phase, interpret
 from ._finite import NonFinitePolicy, check_policy
-from ._loss_scale import DynamicLossScale, LossScaleState, scale_loss
+from ._loss_scale import DynamicLossScale, LossScaleState
 from ._module import ModuleAux, mean_over_parts, module_loss, module_state
 from ._options import RunOptions, run_options
 from ._passes import FirstPass
@@ -310,19 +310,6 @@ def _passes(
     return interpret(pieces, loss_fn, params, batch, method_state, run, kind.full, unscale)
 
 
-def _scaled_loss(
-    loss_fn: Callable[..., Any], scale: LossScaleState, has_aux: bool
-) -> Callable[..., Any]:
-    """``loss_fn`` with its loss multiplied by the scale; the true loss rides along as aux."""
-
-    def scaled(params: PyTree, batch: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
-        out = loss_fn(params, batch)
-        loss, aux = out if has_aux else (out, None)
-        return scale_loss(loss, scale), (loss.detach(), aux)
-
-    return scaled
-
-
 def _gradient(
     loss_fn: Callable[..., Any],
     state: TrainState,
@@ -333,27 +320,35 @@ def _gradient(
 ) -> _Gradient:
     """The step's gradient and loss (value), unscaled, and whether the gradient is finite."""
     run = settings.run._replace(has_aux=has_aux)
+    scale = _scale_of(state, settings)
+    # With a loss scale, the passes scale the loss and unscale each gradient: the method
+    # sees true gradients, and finiteness is read element by element, as GradScaler does.
+    grads, value, method_state = _passes(loss_fn, state, batch, settings, run, kind, scale)
+    finite = None if scale is None else _tree.all_finite(grads)
+    return _Gradient(grads, value, finite, method_state)
+
+
+def _scale_of(state: TrainState, settings: _Settings) -> Optional[LossScaleState]:
+    """The loss scale this step runs with (None without ``loss_scale``)."""
     if settings.loss_scale is None:
-        grads, value, method_state = _passes(loss_fn, state, batch, settings, run, kind)
-        return _Gradient(grads, value, None, method_state)
+        return None
     scale = state.loss_scale
     if not isinstance(scale, LossScaleState):
         raise ValueError(
             "this step scales the loss, but state.loss_scale is empty: build the state with "
             "init_train_state(..., loss_scale=the same dynamic_loss_scale())"
         )
-    scaled = _scaled_loss(loss_fn, scale, has_aux)
-    run = run._replace(has_aux=True)
-    # Every pass is unscaled before any piece sees it: the method runs on true gradients.
-    grads, (_, (loss, aux)), method_state = _passes(
-        scaled, state, batch, settings, run, kind, unscale=scale
-    )
-    finite = _tree.all_finite(grads)
-    loss = loss.mean() if loss.ndim else loss  # one loss per chunk or micro-batch: the mean
-    data_parallel = run.data_parallel
-    if data_parallel is not None:  # the passes averaged the scaled loss, not this one
-        loss = all_mean(loss, data_parallel.group)
-    return _Gradient(grads, (loss, aux) if has_aux else loss, finite, method_state)
+    return scale
+
+
+def _first(
+    loss_fn: Callable[..., Any], state: TrainState, batch: Any, settings: _Settings, has_aux: bool
+) -> FirstPass:
+    """The first pass of a step whose policy reads the gradient (AE-SAM), and its verdict."""
+    run = settings.run._replace(has_aux=has_aux)
+    method_state = _method_state(state, settings.pieces)
+    scale = _scale_of(state, settings)
+    return first_phase(settings.pieces, loss_fn, state.params, batch, method_state, run, scale)
 
 
 class _Updated(NamedTuple):
@@ -471,9 +466,7 @@ def make_train_step(
         return new.state, metrics
 
     def first(state: TrainState, batch: Any) -> FirstPass:
-        run = settings.run._replace(has_aux=False)
-        method_state = _method_state(state, settings.pieces)
-        return first_phase(settings.pieces, loss_fn, state.params, batch, method_state, run)
+        return _first(loss_fn, state, batch, settings, False)
 
     return _returned(step, first, settings)
 
@@ -530,8 +523,6 @@ def make_module_train_step(
 
     def first(state: TrainState, batch: Any) -> FirstPass:
         loss_fn = module_loss(module, criterion, state.buffers, detach_output=False)
-        run = settings.run._replace(has_aux=True)
-        method_state = _method_state(state, settings.pieces)
-        return first_phase(settings.pieces, loss_fn, state.params, batch, method_state, run)
+        return _first(loss_fn, state, batch, settings, True)
 
     return _returned(step, first, settings)

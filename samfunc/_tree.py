@@ -32,6 +32,7 @@ __all__ = [
     "PyTree",
     "Mask",
     "DictSpec",
+    "Position",
     "Spec",
     "leaves",
     "flatten",
@@ -61,6 +62,14 @@ __all__ = [
     "select",
     "merge",
 ]
+
+
+class Position(str):
+    """A key that is a parameter's position, not its name (``samfunc.SAM`` without names).
+
+    A mask predicate reads names; given positions it would select by accident,
+    so ``resolve_mask`` refuses a predicate over them.
+    """
 
 
 class DictSpec:
@@ -131,7 +140,7 @@ def _path_entry(entry: Any) -> str:
 def key_paths(tree: PyTree) -> list[str]:
     """Returns each leaf's dotted key path, e.g. ``"layers.0.weight"``."""
     if _is_flat_dict(tree):
-        return [str(key) for key in tree]
+        return [key if isinstance(key, str) else str(key) for key in tree]
     with_path, _ = pytree.tree_flatten_with_path(tree)
     return [".".join(_path_entry(e) for e in path) for path, _ in with_path]
 
@@ -503,7 +512,14 @@ def resolve_mask(mask: Mask, tree: PyTree, name: str = "mask") -> list[bool]:
     """
     tree_leaves = leaves(tree)
     if callable(mask) and not isinstance(mask, torch.Tensor):
-        return [bool(mask(path, leaf)) for path, leaf in zip(key_paths(tree), tree_leaves)]
+        paths = key_paths(tree)
+        if any(isinstance(path, Position) for path in paths):
+            raise TypeError(
+                f"{name} is a predicate of the parameters' names, but these parameters have "
+                f"none (their keys are positions, such as {str(paths[0])!r}): build samfunc.SAM "
+                "with model.named_parameters() instead of model.parameters()"
+            )
+        return [bool(mask(path, leaf)) for path, leaf in zip(paths, tree_leaves)]
     check_same_structure(tree, mask, "params", name)
     flags = leaves(mask)
     for path, flag in zip(key_paths(mask), flags):

@@ -681,3 +681,130 @@ def test_bad_hyperparameters_name_the_argument() -> None:
         samfunc.friendly_sam(sigma=-1.0)
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
         samfunc.esam(seed=2**32 + 1)
+
+
+def test_a_mask_predicate_in_the_class_sees_names_or_is_refused() -> None:
+    # Issue 25, item 1: a predicate over positions would select by accident.
+    def no_bias(path: str, leaf: torch.Tensor) -> bool:
+        return not path.endswith("bias")
+
+    batch = make_batches(nan_at=None)[0]
+
+    def one_step(params: Any) -> samfunc.SAM:
+        model = make_model()
+        opt = samfunc.SAM(
+            params(model), torch.optim.SGD, method=samfunc.sam(0.5, mask=no_bias), lr=0.0
+        )
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(batch[0]), batch[1])
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return opt
+
+    with pytest.raises(TypeError, match=r"model\.named_parameters\(\) instead of"):
+        one_step(lambda model: model.parameters())
+    opt = one_step(lambda model: model.named_parameters())
+    radius = opt.method_state.ascent.radius
+    assert float(radius.radius) == pytest.approx(0.5)
+    model = make_model()
+    params = samfunc.module_params(model)
+
+    def loss_fn(p: Any, b: Any) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(model, p, (b[0],)), b[1])
+
+    method = samfunc.sam(0.5, mask=no_bias)
+    grads, _, _ = method.grad(loss_fn, params, batch, method.init(params))
+    reference = samfunc.SAM(model.named_parameters(), torch.optim.SGD, method=method, lr=0.0)
+
+    def closure() -> torch.Tensor:
+        reference.zero_grad()
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss.backward()
+        return loss
+
+    reference.step(closure)
+    got = {k: p.grad for k, p in model.named_parameters()}
+    assert_trees_close(grads, got, atol=1e-14, rtol=1e-12)
+
+
+def closure_of(model: torch.nn.Module, opt: Any, batch: Any) -> Callable[[], torch.Tensor]:
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_a_bare_method_runs_in_the_class_under_every_nonfinite_policy() -> None:
+    batches = make_batches(nan_at=None)
+    for policy in ("raise", "skip", "propagate"):
+        model = make_model()
+        opt = samfunc.SAM(
+            model.named_parameters(),
+            torch.optim.SGD,
+            method=bare_method(),
+            nonfinite=policy,  # type: ignore[arg-type]
+            lr=LR,
+        )
+        for batch in batches[:2]:
+            opt.step(closure_of(model, opt, batch))
+    bad = make_batches(nan_at=0)[0]
+    model = make_model()
+    opt = samfunc.SAM(model.named_parameters(), torch.optim.SGD, method=bare_method(), lr=LR)
+
+    def nan_closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(bad[0]), bad[1])
+        loss.backward()
+        return loss
+
+    with pytest.raises(samfunc.NonFiniteGradientError, match="the method's gradient"):
+        opt.step(nan_closure)
+
+
+@pytest.mark.parametrize("name", ["ae_sam", "looksam", "mesa", "gsam"])
+def test_loss_scaling_runs_every_method_as_the_unscaled_run(name: str) -> None:
+    # A power-of-two scale is exact: scaled and unscaled runs agree bitwise.
+    method = (lambda: samfunc.mesa(start_step=0)) if name == "mesa" else METHODS[name]
+    batches = [(x.float(), y) for x, y in make_batches(nan_at=None)]
+    runs = []
+    for scale in (None, samfunc.dynamic_loss_scale(init_scale=2.0**10)):
+        model = make_model().float()
+        opt = samfunc.sgd(LR)
+        options: dict[str, Any] = {} if scale is None else {"loss_scale": scale}
+        step = samfunc.make_module_train_step(
+            model, criterion(name), opt, method=method(), **options
+        )
+        state = samfunc.init_train_state(model, opt, method=method(), **options)
+        for batch in batches:
+            state, metrics = step(state, batch)
+            assert bool(metrics.finite)
+        runs.append(state)
+    assert_trees_equal(runs[0].params, runs[1].params)
+    assert_trees_equal(runs[0].method_state, runs[1].method_state)
+
+
+def test_misuse_gets_a_clear_error() -> None:
+    params = {"w": torch.ones(3)}
+
+    def loss_fn(p: Any, batch: Any) -> torch.Tensor:
+        return (p["w"] * batch).sum() ** 2
+
+    method = samfunc.sam(lambda count: "x")  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError, match="rho schedule must return a number"):
+        method.grad(loss_fn, params, torch.ones(3), method.init(params))
+    model = make_model()
+    opt = samfunc.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    F.cross_entropy(model(make_batches(nan_at=None)[0][0]), make_batches()[0][1]).backward()
+    with pytest.raises(RuntimeError, match="second_step called without first_step"):
+        opt.second_step()
+    with pytest.raises(TypeError, match="without method= it takes the full step every time"):
+        samfunc.full_step_fraction(opt)
+    with pytest.raises(TypeError, match="a bare Method"):
+        samfunc.full_step_fraction(())

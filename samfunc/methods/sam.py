@@ -54,7 +54,7 @@ from .._base import (
 )
 from .._combine import chain, takes_count
 from .._engine import Interpreted
-from .._phases import pieces_of, reads_gradient
+from .._phases import IDENTITY, pieces_of, reads_gradient
 from .._transform import scale
 from .._validate import check_fraction, check_in_interval, check_nonnegative, check_number
 
@@ -85,16 +85,9 @@ def _empty_init(params: Params) -> EmptyState:
     return EmptyState()
 
 
-def _perturbed(
-    grads: Updates, perturbed_grads: Updates, state: OptState, params: Params
-) -> tuple[Updates, OptState]:
-    del grads, params
-    return perturbed_grads, state
-
-
 def perturbed_gradient() -> Combiner:
     """Plain SAM's combiner: the method's gradient is ``g_s``, the one at ``w + e``."""
-    return Combiner(_empty_init, _perturbed, reads_first_gradient=False)
+    return IDENTITY
 
 
 def method_from(pieces: Pieces) -> Method:
