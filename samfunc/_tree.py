@@ -185,6 +185,8 @@ def _spec_difference(
 
 def first_difference(a: PyTree, b: PyTree, names: tuple[str, str]) -> str | None:
     """Describes the first key path where the structures of ``a`` and ``b`` differ."""
+    if _is_flat_dict(a) and _is_flat_dict(b) and tuple(a) == tuple(b):
+        return None  # the usual case, without a walk: the same keys in the same order
     a_spec, b_spec = pytree.tree_structure(a), pytree.tree_structure(b)
     if a_spec == b_spec:
         return None
