@@ -115,6 +115,16 @@ def train_step_run(name: str, batches: list[Any], module: bool, compiled: bool =
     return state.params, state.method_state, state.step
 
 
+def closure_of(model: torch.nn.Module, opt: Any, batch: Any) -> Callable[[], torch.Tensor]:
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def class_run(name: str, batches: list[Any]) -> Any:
     model = make_model()
     opt = samfunc.SAM(
@@ -126,14 +136,7 @@ def class_run(name: str, batches: list[Any]) -> Any:
         momentum=MOMENTUM,
     )
     for batch in batches:
-
-        def closure(batch: Any = batch) -> torch.Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(model(batch[0]), batch[1])
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(closure_of(model, opt, batch))
     return samfunc.module_params(model), opt.method_state, opt.skipped_steps
 
 
@@ -432,27 +435,17 @@ def test_every_method_pickles_and_its_copy_runs_bitwise_the_same(name: str) -> N
 
 def test_the_class_with_a_method_pickles_and_the_copy_goes_on_bitwise() -> None:
     batches = make_batches(nan_at=None)
-
-    def closure_for(model: torch.nn.Module, opt: Any, batch: Any) -> Callable[[], torch.Tensor]:
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(model(batch[0]), batch[1])
-            loss.backward()
-            return loss
-
-        return closure
-
     model = make_model()
     opt = samfunc.SAM(model.parameters(), torch.optim.SGD, method=samfunc.looksam(0.1, k=2), lr=LR)
     for batch in batches[:3]:
-        opt.step(closure_for(model, opt, batch))
+        opt.step(closure_of(model, opt, batch))
     buffer = io.BytesIO()
     torch.save({"model": model, "opt": opt}, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     for batch in batches[3:]:
-        opt.step(closure_for(model, opt, batch))
-        loaded["opt"].step(closure_for(loaded["model"], loaded["opt"], batch))
+        opt.step(closure_of(model, opt, batch))
+        loaded["opt"].step(closure_of(loaded["model"], loaded["opt"], batch))
     assert_trees_equal(samfunc.module_params(model), samfunc.module_params(loaded["model"]))
     # every state loads with weights_only=True
     buffer = io.BytesIO()
@@ -661,14 +654,7 @@ def test_another_methods_state_does_not_load() -> None:
     model = make_model()
     batch = make_batches(nan_at=None)[0]
     looksam = samfunc.SAM(model.parameters(), torch.optim.SGD, method=samfunc.looksam(), lr=0.1)
-
-    def closure() -> torch.Tensor:
-        looksam.zero_grad()
-        loss = F.cross_entropy(model(batch[0]), batch[1])
-        loss.backward()
-        return loss
-
-    looksam.step(closure)
+    looksam.step(closure_of(model, looksam, batch))
     plain = samfunc.SAM(model.parameters(), torch.optim.SGD, method=samfunc.sam(), lr=0.1)
     with pytest.raises(ValueError, match=r"a state of looksam.*this SAM's method sam"):
         plain.load_state_dict(looksam.state_dict())
@@ -695,14 +681,7 @@ def test_a_mask_predicate_in_the_class_sees_names_or_is_refused() -> None:
         opt = samfunc.SAM(
             params(model), torch.optim.SGD, method=samfunc.sam(0.5, mask=no_bias), lr=0.0
         )
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(model(batch[0]), batch[1])
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(closure_of(model, opt, batch))
         return opt
 
     with pytest.raises(TypeError, match=r"model\.named_parameters\(\) instead of"):
@@ -719,26 +698,9 @@ def test_a_mask_predicate_in_the_class_sees_names_or_is_refused() -> None:
     method = samfunc.sam(0.5, mask=no_bias)
     grads, _, _ = method.grad(loss_fn, params, batch, method.init(params))
     reference = samfunc.SAM(model.named_parameters(), torch.optim.SGD, method=method, lr=0.0)
-
-    def closure() -> torch.Tensor:
-        reference.zero_grad()
-        loss = F.cross_entropy(model(batch[0]), batch[1])
-        loss.backward()
-        return loss
-
-    reference.step(closure)
+    reference.step(closure_of(model, reference, batch))
     got = {k: p.grad for k, p in model.named_parameters()}
     assert_trees_close(grads, got, atol=1e-14, rtol=1e-12)
-
-
-def closure_of(model: torch.nn.Module, opt: Any, batch: Any) -> Callable[[], torch.Tensor]:
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(batch[0]), batch[1])
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def test_a_bare_method_runs_in_the_class_under_every_nonfinite_policy() -> None:
