@@ -125,6 +125,8 @@ def _times_factor(updates: Updates, factor: float | torch.Tensor) -> Updates:
     leaves, spec = _tree.flatten(updates)
     if not leaves:
         return updates
+    if all(leaf.element_size() >= 4 for leaf in leaves):
+        return _tree.unflatten(_tree.mul_leaves(leaves, factor), spec)
     wide = [leaf.float() if leaf.element_size() < 4 else leaf for leaf in leaves]
     scaled = _tree.mul_leaves(wide, factor)
     return _tree.unflatten([s.to(leaf.dtype) for s, leaf in zip(scaled, leaves)], spec)
@@ -260,18 +262,71 @@ class _ScaleByRadius:
         count: Optional[torch.Tensor] = None,
     ) -> tuple[Updates, OptState]:
         del params
+        radius = self.radius(state, count)
+        return _times_factor(updates, radius), self.advanced(state, radius)
+
+    def radius(self, state: OptState, count: Optional[torch.Tensor]) -> float | torch.Tensor:
+        """The radius at the clock's ``count`` (or the state's own count without one)."""
         check_state("scale_by_radius", state, ScaleByRadiusState)
-        radius = self.constant
-        if self.schedule is not None:
-            value = self.schedule(state.step if count is None else count)
-            if not isinstance(value, torch.Tensor):  # a user's schedule may return a float
-                value = _radius_from(value)
-            radius = guard_radius(value)
-        assert radius is not None
-        # ones * radius, not torch.full: under torch.compile a float that became
-        # symbolic was baked into torch.full's output as a constant (torch 2.13).
-        shown = (torch.ones_like(state.radius) * radius).to(state.radius.dtype)
-        return _times_factor(updates, radius), ScaleByRadiusState(state.step + 1, shown)
+        if self.schedule is None:
+            assert self.constant is not None
+            return self.constant
+        value = self.schedule(state.step if count is None else count)
+        if not isinstance(value, torch.Tensor):  # a user's schedule may return a float
+            value = _radius_from(value)
+        return guard_radius(value)
+
+    @staticmethod
+    def advanced(state: ScaleByRadiusState, radius: float | torch.Tensor) -> ScaleByRadiusState:
+        """The state after a step at ``radius`` (kept as a float32 metric)."""
+        if (
+            isinstance(radius, float)
+            and state.radius.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+        ):
+            shown = torch.tensor(radius, dtype=state.radius.dtype)
+        else:
+            # ones * radius, not torch.full: under torch.compile a float that became
+            # symbolic was baked into torch.full's output as a constant (torch 2.13).
+            shown = (torch.ones_like(state.radius) * radius).to(state.radius.dtype)
+        return ScaleByRadiusState(state.step + 1, shown)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToRadius:
+    """``normalize()`` then ``scale_by_radius(rho)`` in one product: ``g * (rho / (||g|| + eps))``.
+
+    SAM's ascent, as the seed computes it (one factor, one multiplication);
+    its state is ``scale_by_radius``'s.
+    """
+
+    TAKES_COUNT: ClassVar[bool] = True
+
+    scale: _ScaleByRadius
+    eps: float
+
+    def init(self, params: Params) -> ScaleByRadiusState:
+        return self.scale.init(params)
+
+    def update(
+        self,
+        updates: Updates,
+        state: OptState,
+        params: Optional[Params] = None,
+        *,
+        count: Optional[torch.Tensor] = None,
+    ) -> tuple[Updates, OptState]:
+        del params
+        radius = self.scale.radius(state, count)
+        factor = radius / (_tree.global_norm(updates) + self.eps)
+        return _times_factor(updates, factor), self.scale.advanced(state, radius)
+
+
+def _to_radius(rho: Rho, eps: float = NORM_EPS) -> GradientTransformation:
+    """``chain(normalize("l2", eps=eps), scale_by_radius(rho))`` as one transform."""
+    scale = scale_by_radius(rho).update.__self__  # type: ignore[attr-defined]
+    built = _ToRadius(scale, eps)
+    return GradientTransformation(built.init, built.update)
 
 
 def _radius_from(value: Any) -> torch.Tensor:
@@ -460,12 +515,14 @@ def _core(
 
     ``as_tree`` is the same flags in the structure the pieces will see.
     """
+    radius = [_to_radius(rho)] if ord == "l2" else [normalize(ord), scale_by_radius(rho)]
     if not any(adaptive):
-        return [normalize(ord), scale_by_radius(rho)]
+        return radius
     rescale = scale_by_param_abs(eta)
     if not all(adaptive):
         rescale = masked(rescale, as_tree)
-    return [rescale, normalize(ord), rescale, scale_by_radius(rho)]
+    # T (rho T g / ||T g||) = rho T^2 g / ||T g||: the radius's state is last but one.
+    return [rescale, *radius, rescale]
 
 
 def sam_ascent(
@@ -529,9 +586,10 @@ class SamAscentState(NamedTuple):
 
 
 class _Built(NamedTuple):
-    chain: GradientTransformation
+    ascent: GradientTransformation  # the chain, or its one piece (plain SAM)
     template: tuple[OptState, ...]  # the chain's state, stateless pieces only
     masked: bool
+    radius_at: int  # where the radius's state sits in the chain's state; -1: the whole state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -575,30 +633,39 @@ class _SamAscent:
         # Inside masked, the pieces see the selected leaves as a flat list.
         as_tree = list(chosen) if not all(flags) else _tree.unflatten(list(chosen), spec)
         core = _core(chosen, as_tree, self.eta, self.norm, self.rho)
-        ascent = chain(*([self.direction] if self.direction is not None else []), *core)
+        direction = [self.direction] if self.direction is not None else []
+        radius_at = len(direction) + len(core) - (2 if any(chosen) else 1)
+        if len(core) == 1 and not direction and all(flags):  # plain SAM: no chain around it
+            return _Built(core[0], (), False, -1)
+        ascent = chain(*direction, *core)
         if not all(flags):
             ascent = masked(ascent, _tree.unflatten(list(flags), spec), others="zero")
         full = ascent.init(params)
         inner = full.inner_state if not all(flags) else full
         template = tuple(
-            () if i == 0 and self.direction is not None else s for i, s in enumerate(inner)
+            () if (i == 0 and direction) or i == radius_at else s for i, s in enumerate(inner)
         )
-        return _Built(ascent, (*template[:-1], ()), not all(flags))
+        return _Built(ascent, template, not all(flags), radius_at)
 
     def _expand(self, built: _Built, state: SamAscentState) -> OptState:
+        if built.radius_at < 0:
+            return state.radius
         inner = list(built.template)
         if self.direction is not None:
             inner[0] = state.direction
-        inner[-1] = state.radius
+        inner[built.radius_at] = state.radius
         return MaskedState(tuple(inner)) if built.masked else tuple(inner)
 
     def _compact(self, built: _Built, full: OptState) -> SamAscentState:
+        if built.radius_at < 0:
+            return SamAscentState((), full)
         inner = full.inner_state if built.masked else full
-        return SamAscentState(inner[0] if self.direction is not None else (), inner[-1])
+        direction = inner[0] if self.direction is not None else ()
+        return SamAscentState(direction, inner[built.radius_at])
 
     def init(self, params: Params) -> SamAscentState:
         built = self._for_params(params)
-        return self._compact(built, built.chain.init(params))
+        return self._compact(built, built.ascent.init(params))
 
     def update(
         self,
@@ -612,7 +679,7 @@ class _SamAscent:
         check_state("sam_ascent", state, SamAscentState)
         built = self._for_params(params)
         full = self._expand(built, state)
-        e, new_full = update_with_count(built.chain, True, updates, full, params, count)
+        e, new_full = update_with_count(built.ascent, True, updates, full, params, count)
         return e, self._compact(built, new_full)
 
 

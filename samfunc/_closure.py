@@ -33,7 +33,7 @@ from ._options import RunOptions
 from ._passes import Pass
 from ._tree import PyTree
 
-__all__ = ["ClosurePasses", "grads_of", "write_grads"]
+__all__ = ["ClosurePasses", "Moved", "grads_of", "write_grads"]
 
 
 def grads_of(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -64,6 +64,49 @@ def write_grads(
             p.grad = new
         elif new is not p.grad:
             p.grad.copy_(new)
+
+
+class Moved:
+    """The parameters moved to a point and back, ``w`` kept meanwhile.
+
+    ``storage`` holds ``w`` while the parameters are elsewhere: one buffer per
+    parameter, reused from step to step (as the seed's ``old_p``).
+
+    Examples:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.tensor([1.0]))
+        >>> moved = Moved([w], {})
+        >>> moved.move_to([torch.tensor([5.0])])
+        >>> w.detach()
+        tensor([5.])
+        >>> moved.restore()
+        >>> w.detach()
+        tensor([1.])
+    """
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], storage: dict[torch.Tensor, torch.Tensor]
+    ) -> None:
+        self.params = list(params)
+        self.storage = storage
+        self._backup: Optional[list[torch.Tensor]] = None
+
+    @torch.no_grad()
+    def move_to(self, values: Sequence[torch.Tensor]) -> None:
+        """Copies ``values`` into the parameters, ``w`` into storage first."""
+        for p in self.params:
+            if p not in self.storage:
+                self.storage[p] = torch.empty_like(p)
+        self._backup = [self.storage[p] for p in self.params]
+        _tree.copy_into(self._backup, self.params)
+        _tree.copy_into(self.params, list(values))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Puts ``w`` back if the parameters were moved (a no-op otherwise)."""
+        if self._backup is not None:
+            _tree.copy_into(self.params, self._backup)
+            self._backup = None
 
 
 class ClosurePasses:
@@ -106,8 +149,7 @@ class ClosurePasses:
         self.replay: Optional[list[_rng.RngStates]] = None
         self.loss: Any = None
         self.had = [p.grad is not None for p in self.params]
-        self.storage = storage
-        self._backup: Optional[list[torch.Tensor]] = None
+        self.moved = Moved(self.params, storage)
 
     @property
     def loss_fn(self) -> Callable[[PyTree, Any], torch.Tensor]:
@@ -149,7 +191,7 @@ class ClosurePasses:
         if self._is_params(point):
             loss = self.closure()
         else:
-            self._move_to(_tree.leaves(point))
+            self.moved.move_to(_tree.leaves(point))
             try:
                 loss = self.closure()
             finally:
@@ -159,21 +201,9 @@ class ClosurePasses:
         value = loss.detach() if isinstance(loss, torch.Tensor) else loss
         return Pass(self.tree(grads_of(self.params)), value)
 
-    @torch.no_grad()
-    def _move_to(self, values: Sequence[torch.Tensor]) -> None:
-        for p in self.params:
-            if p not in self.storage:
-                self.storage[p] = torch.empty_like(p)
-        self._backup = [self.storage[p] for p in self.params]
-        _tree.copy_into(self._backup, self.params)
-        _tree.copy_into(self.params, list(values))
-
-    @torch.no_grad()
     def restore(self) -> None:
         """Puts ``w`` back if a pass moved the parameters (a no-op otherwise)."""
-        if self._backup is not None:
-            _tree.copy_into(self.params, self._backup)
-            self._backup = None
+        self.moved.restore()
 
     def _loss_at(self, params: PyTree, batch: Any) -> torch.Tensor:
         del batch

@@ -43,7 +43,7 @@ from . import _batch, _distributed, _rng, _tree
 from ._base import EngineOptions, LossFn, MethodState, OptState, Params, Pieces
 from ._finite import raise_if_nonfinite
 from ._loss_scale import LossScaleState
-from ._options import FIRST_PASS, ONE_PASS, SECOND_PASS, RunOptions, run_options
+from ._options import FIRST_PASS, ONE_PASS, RunOptions, run_options
 from ._passes import FirstPass, LossPasses, Pass, chunk_mean, refuse_choice_under_compile
 from ._phases import (
     advance,
@@ -51,6 +51,7 @@ from ._phases import (
     aux_of,
     call_whole,
     check_pass,
+    check_step,
     checked,
     combine,
     decide,
@@ -136,7 +137,6 @@ def run_step(
         )
     else:
         first_pass = passes.first(params, batch, reduce=run.reduces_each_pass)
-        check_pass(first_pass.grads, FIRST_PASS, first_pass.value, run, passes.aux, False)
         grads, value, new_state = _full(pieces, passes, params, batch, state, first_pass, True)
     if run.local:
         grads, value, new_state = _mean_of_processes(pieces, grads, value, new_state, run)
@@ -214,16 +214,21 @@ def _full(
     first: Pass,
     check: bool,
 ) -> tuple[PyTree, Any, MethodState]:
-    """After the first pass: the ascent, the pass at ``w + e``, and the combiner."""
+    """After the first pass: the ascent, the pass at ``w + e``, and the combiner.
+
+    ``check``: the non-finite check of the step, once, on the gradient the
+    combiner returns (a NaN or inf in either pass reaches it); only when it
+    fails are the passes read to say which one it came from.
+    """
     e, ascent_state = ascend(pieces, first.grads, state, params)
     perturbed = _tree.add_scaled(params, e, 1.0)
     selected = batch
     if pieces.select_fraction is not None and pieces.select_fraction < 1.0:
         selected = _sharpest(pieces.select_fraction, passes, perturbed, batch, first.value)
     second = passes.second(perturbed, selected)
-    if check:
-        check_pass(second.grads, SECOND_PASS, second.value, passes.run, passes.aux, False)
     out, combine_state = combine(pieces, first.grads, second.grads, state, params)
+    if check:
+        check_step(out, (first, second), passes.run, passes.aux)
     return out, first.value, state._replace(ascent=ascent_state, combine=combine_state)
 
 
@@ -299,8 +304,6 @@ def _chunked(
     def one_chunk(chunk: Batch, check: bool) -> tuple[PyTree, Any, MethodState]:
         passes = LossPasses(loss_fn, single, aux, unscale=unscale)
         first = passes.first(params, chunk, reduce=False)
-        if check:
-            check_pass(first.grads, FIRST_PASS, first.value, run, aux, False)
         return _full(pieces, passes, params, chunk, state, first, check)
 
     if run.vectorize_chunks:

@@ -81,12 +81,32 @@ def module_state(module: torch.nn.Module) -> tuple[Tensors, Tensors]:
     return module_params(module), module_buffers(module)
 
 
+def has_tied_tensors(module: torch.nn.Module) -> bool:
+    """Whether one parameter or buffer of ``module`` is reachable under two names.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> has_tied_tensors(model)
+        False
+        >>> model[1].weight = model[0].weight
+        >>> has_tied_tensors(model)
+        True
+    """
+    named = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    return len({id(t) for _, t in named}) != len(named)
+
+
 def module_loss(
     module: torch.nn.Module,
     criterion: Callable[[Any, Any], torch.Tensor],
     buffers: Tensors | None = None,
     *,
     detach_output: bool = True,
+    tie_weights: bool = True,
 ) -> Callable[[Tensors, Any], tuple[torch.Tensor, ModuleAux]]:
     """A ``loss_fn(params, batch) -> (loss, ModuleAux)`` for ``sam_grad(..., has_aux=True)``.
 
@@ -108,6 +128,10 @@ def module_loss(
         detach_output: detach ``ModuleAux.output`` (default). samfunc's
             gradient functions detach aux anyway; a method that builds its
             loss from the outputs (``samfunc.mesa``) needs them attached.
+        tie_weights: ``functional_call``'s: a value given for one of two tied
+            parameters (one tensor under two names) is used for both. False
+            skips the walk over the module that finds the ties, for a module
+            without any (the train steps find that out once, when built).
 
     Examples:
         >>> import torch
@@ -128,10 +152,11 @@ def module_loss(
         inputs, targets = batch
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         new_buffers = {name: b.clone() for name, b in start.items()}
-        output = functional_call(module, (params, new_buffers), args)
+        output = functional_call(module, (params, new_buffers), args, tie_weights=tie_weights)
         loss = criterion(output, targets)
         if detach_output:
-            output = _tree.tree_map(_detach, output)
+            plain = type(output) is torch.Tensor
+            output = output.detach() if plain else _tree.tree_map(_detach, output)
         return loss, ModuleAux(buffers=new_buffers, output=output)
 
     return loss_fn

@@ -38,7 +38,14 @@ from ._base import (
 )
 from ._combine import takes_count, update_with_count
 from ._finite import raise_if_nonfinite, refuse_raise_under_compile
-from ._options import RunOptions, check_params, checked_loss_fn, mean_of_samples
+from ._options import (
+    FIRST_PASS,
+    SECOND_PASS,
+    RunOptions,
+    check_params,
+    checked_loss_fn,
+    mean_of_samples,
+)
 from ._passes import refuse_choice_under_compile
 from ._tree import PyTree
 
@@ -61,6 +68,7 @@ __all__ = [
     "aux_of",
     "checked",
     "check_pass",
+    "check_step",
     "accepted_options",
     "call_whole",
 ]
@@ -238,6 +246,21 @@ def check_pass(
     # over the processes is checked after the step's all-reduce instead.
     if run.nonfinite == "raise" and (now or not run.local):
         raise_if_nonfinite(grads, where, value[0] if aux else value)
+
+
+def check_step(out: PyTree, passes: tuple[Any, Any], run: RunOptions, aux: bool) -> None:
+    """The full step's one non-finite check, on its gradient ``out`` (``"raise"`` only).
+
+    A NaN or inf in either pass reaches ``out`` (the ascent's norm is global);
+    when ``out`` is not finite the error names the pass it came from. As
+    ``check_pass``, data-parallel ``"local"`` checks after the step's all-reduce.
+    """
+    if run.nonfinite != "raise" or run.local or _tree.norm_is_finite(out):
+        return
+    first, second = passes
+    check_pass(first.grads, FIRST_PASS, first.value, run, aux, True)
+    check_pass(second.grads, SECOND_PASS, second.value, run, aux, True)
+    raise_if_nonfinite(out, "the method's combination of both passes")
 
 
 def accepted_options(grad: Callable[..., Any]) -> Optional[frozenset[str]]:

@@ -28,40 +28,34 @@ turning every parameter into NaN; the seed's checkpoints load as they are.
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 
-from . import _rng, _tree
-from ._ascent import normalize, sam_ascent, scale_by_param_abs, scale_by_radius
-from ._base import GradientTransformation, Method, Pieces
-from ._closure import ClosurePasses, grads_of, write_grads
-from ._combine import chain, masked
+from . import _class_checkpoint, _rng, _tree, _two_step
+from ._base import Method, Pieces
+from ._closure import ClosurePasses, Moved, write_grads
 from ._engine import run_step
-from ._finite import NonFinitePolicy, check_policy, raise_if_nonfinite
-from ._module import RunningStatsGuard
-from ._options import FIRST_PASS, SECOND_PASS, RunOptions
-from ._phases import (
-    advance,
-    ascend,
-    ascent_pieces,
-    call_whole,
-    combine,
-    init_state,
-    is_whole,
-    pieces_of,
+from ._finite import NonFinitePolicy, check_policy
+from ._groups import (
+    SAM_DEFAULTS,
+    SAM_OPTIONS,
+    Leaves,
+    check_group,
+    check_method,
+    groups_ascent,
+    leaves_of,
 )
+from ._module import RunningStatsGuard
+from ._options import RunOptions
+from ._phases import ascent_pieces, call_whole, init_state, is_whole
 from ._validate import check_bool, check_nonnegative
 from .integrations import lightning
 
 __all__ = ["SAM"]
 
-#: The per-group options SAM adds to the base optimizer's.
-SAM_OPTIONS = ("rho", "adaptive", "eta")
-SAM_DEFAULTS = {"rho": 0.05, "adaptive": False, "eta": 0.0}
 CLASS_POLICIES = ("raise", "skip", "propagate")
 
 
@@ -87,84 +81,6 @@ def _remove_hooks(handles: list[Any]) -> None:
     for handle in handles:
         handle.remove()
     handles.clear()
-
-
-def _check_group(index: int, group: dict[str, Any]) -> None:
-    where = f"param_groups[{index}]"
-    check_nonnegative(f"{where}['rho']", group["rho"])
-    check_nonnegative(f"{where}['eta']", group["eta"])
-    check_bool(f"{where}['adaptive']", group["adaptive"])
-
-
-def _check_method(method: Any, rho: float, adaptive: bool, eta: float) -> Optional[Pieces]:
-    """The pieces of ``method`` if the class can run it, SAM's own options at their defaults."""
-    if method is None:
-        return None
-    pieces = pieces_of(method)
-    if pieces.objective is not None:
-        raise TypeError(
-            f"{pieces.name} changes the loss (a KL term to the teacher's outputs), which "
-            "SAM.step never sees: use make_module_train_step(..., method=samfunc.mesa(...)), "
-            "or add samfunc.distillation_kl to your own loss"
-        )
-    if rho != 0.05 or adaptive or eta != 0.0:
-        raise ValueError(
-            "with method=..., set rho (and adaptive, eta) in the method, e.g. "
-            f"samfunc.gsam(rho={rho}); got rho={rho}, adaptive={adaptive}, eta={eta} here"
-        )
-    fraction = pieces.select_fraction
-    if fraction is not None and fraction < 1.0:
-        raise ValueError(
-            f"{pieces.name}'s data selection ranks per-sample losses, which SAM.step never "
-            f"sees: use the functional method.grad or a train step, or gamma=1.0 (got {fraction})"
-        )
-    return pieces
-
-
-def _groups_ascent(
-    keys: list[str], options: list[tuple[float, bool, float]]
-) -> GradientTransformation:
-    """SAM's ascent over a flat list of leaves, each with its group's rho, adaptive and eta.
-
-    One group (the usual case) is ``sam_ascent``; several are the same pieces,
-    each rescale and radius ``masked`` to its groups' leaves; the norm stays
-    global over all of them, as in the seed.
-    """
-    if len(set(options)) == 1:
-        rho, adaptive, eta = options[0]
-        return sam_ascent(rho, adaptive=adaptive, eta=eta)
-
-    rescales = [
-        masked(scale_by_param_abs(eta), dict(zip(keys, [o == (rho, True, eta) for o in options])))
-        for rho, adaptive, eta in sorted(set(options))
-        if adaptive
-    ]
-    radii = [
-        masked(scale_by_radius(rho), dict(zip(keys, [o[0] == rho for o in options])))
-        for rho in sorted({o[0] for o in options})
-    ]
-    return chain(*rescales, normalize(), *rescales, *radii)
-
-
-class _Leaves(NamedTuple):
-    """What the method sees: the trainable parameters, their names and their groups' options."""
-
-    keys: list[str]
-    params: list[torch.Tensor]
-    options: list[tuple[float, bool, float]]
-
-    def tree(self, values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(zip(self.keys, values))
-
-
-class _Perturbed(NamedTuple):
-    """What ``first_step`` leaves for ``second_step``."""
-
-    pieces: Pieces
-    state: Any
-    first_grads: Optional[list[torch.Tensor]]
-    ascent_state: Any
-    leaves: _Leaves
 
 
 class SAM(torch.optim.Optimizer):
@@ -243,7 +159,7 @@ class SAM(torch.optim.Optimizer):
         policy = check_policy("nonfinite", nonfinite, CLASS_POLICIES)
         self.reuse_rng = check_bool("reuse_rng", reuse_rng)
         self.method = method
-        self._method_pieces = _check_method(method, rho, adaptive, eta)
+        self._method_pieces = check_method(method, rho, adaptive, eta)
         if not callable(base_optimizer):
             raise TypeError(
                 f"base_optimizer must be an optimizer class, got {type(base_optimizer).__name__}"
@@ -261,7 +177,7 @@ class SAM(torch.optim.Optimizer):
     def _check_group_options(self, index: int, group: dict[str, Any]) -> None:
         for key in SAM_OPTIONS:
             group.setdefault(key, self.defaults[key])
-        _check_group(index, group)
+        check_group(index, group)
         if self._method_pieces is not None:
             changed = [k for k in SAM_OPTIONS if group[k] != SAM_DEFAULTS[k]]
             if changed:
@@ -273,8 +189,8 @@ class SAM(torch.optim.Optimizer):
 
     def _start_runtime(self) -> None:
         """What lives only in this process: the step in progress, hooks."""
-        self._perturbed: Optional[_Perturbed] = None
-        self._moved: Optional[ClosurePasses] = None
+        self._perturbed: Optional[_two_step.Perturbed] = None
+        self._moved: Optional[Moved] = None
         self._skip_second = False
         self._guard = RunningStatsGuard()
         self.skipped_steps = getattr(self, "skipped_steps", 0)
@@ -303,32 +219,23 @@ class SAM(torch.optim.Optimizer):
         inner = lightning.wrapped_optimizer(self)
         return inner if isinstance(inner, SAM) else None
 
-    def _leaves(self) -> _Leaves:
+    def _leaves(self) -> Leaves:
         """The trainable parameters in group order, with their names and groups' options."""
-        keys, params, options = [], [], []
-        for g, group in enumerate(self.param_groups):
-            self._check_group_options(g, group)
-            names = group.get("param_names")
-            option = (float(group["rho"]), bool(group["adaptive"]), float(group["eta"]))
-            for i, p in enumerate(group["params"]):
-                if p.requires_grad:
-                    position = _tree.Position(f"param_groups[{g}]['params'][{i}]")
-                    keys.append(names[i] if names else position)
-                    params.append(p)
-                    options.append(option)
-        return _Leaves(keys, params, options)
+        for index, group in enumerate(self.param_groups):
+            self._check_group_options(index, group)
+        return leaves_of(self.param_groups)
 
-    def _pieces(self, leaves: _Leaves) -> Pieces:
+    def _pieces(self, leaves: Leaves) -> Pieces:
         """The method's pieces, or SAM's ascent from the groups' options (built once per set)."""
         if self._method_pieces is not None:
             return self._method_pieces
         key = tuple(leaves.options)
         if key not in self._groups_pieces:
-            ascent = _groups_ascent(leaves.keys, leaves.options)
+            ascent = groups_ascent(leaves.keys, leaves.options)
             self._groups_pieces = {key: ascent_pieces("sam", ascent)}
         return self._groups_pieces[key]
 
-    def _state(self, pieces: Pieces, leaves: _Leaves) -> Any:
+    def _state(self, pieces: Pieces, leaves: Leaves) -> Any:
         """The method's state (built at the first step); a fresh one for the groups' SAM."""
         tree = leaves.tree(leaves.params)
         if self._method_pieces is None:
@@ -357,27 +264,6 @@ class SAM(torch.optim.Optimizer):
                 "w + e; call second_step() or restore() first"
             )
 
-    def _finite_or_skip(self, grads: dict[str, torch.Tensor], where: str, scaled: bool) -> bool:
-        """Applies the non-finite policy to one gradient; returns whether to go on."""
-        if self.nonfinite == "propagate" and not scaled:
-            return True
-        if not grads or _tree.norm_is_finite(grads):
-            return True
-        if self.nonfinite == "raise" and not scaled:
-            raise_if_nonfinite(grads, where)
-        self.skipped_steps += 1
-        return False
-
-    def _two_step_pieces(self, leaves: _Leaves, action: str) -> Pieces:
-        pieces = self._pieces(leaves)
-        if pieces.policy is not None or pieces.ascent is None or is_whole(pieces):
-            raise RuntimeError(
-                f"{pieces.name} chooses its passes itself (a step policy, one pass per step, or "
-                f"its own grad), which {action} cannot tell you: use step(closure), which runs "
-                "the closure once or twice as it chooses"
-            )
-        return pieces
-
     @torch.no_grad()
     def first_step(
         self, zero_grad: bool = False, *, scaler: Optional[torch.amp.GradScaler] = None
@@ -399,39 +285,7 @@ class SAM(torch.optim.Optimizer):
         if inner is not None:
             inner.first_step(zero_grad, scaler=scaler)
             return
-        if self._perturbed is not None or self._skip_second:
-            raise RuntimeError("first_step called twice without second_step in between")
-        leaves = self._leaves()
-        pieces = self._two_step_pieces(leaves, "first_step")
-        if scaler is not None and pieces.combiner.reads_first_gradient:
-            raise ValueError(
-                f"{pieces.name} mixes the gradients at w and at w + e, which a GradScaler "
-                "scales differently; for float16, use make_train_step(..., "
-                "loss_scale=samfunc.dynamic_loss_scale()), or bfloat16 autocast"
-            )
-        self._watch.seen = False
-        if scaler is not None:
-            scaler.unscale_(self)
-        grads = grads_of(leaves.params)
-        if not self._finite_or_skip(leaves.tree(grads), FIRST_PASS, scaled=scaler is not None):
-            self._skip_second = True
-        else:
-            self._perturb(pieces, leaves, grads)
-        if zero_grad:
-            self.zero_grad()
-
-    def _perturb(self, pieces: Pieces, leaves: _Leaves, grads: list[torch.Tensor]) -> None:
-        state = self._state(pieces, leaves)
-        tree = leaves.tree(leaves.params)
-        e, ascent_state = ascend(pieces, leaves.tree(grads), state, tree)
-        first = [g.clone() for g in grads] if pieces.combiner.reads_first_gradient else None
-        moved = ClosurePasses(
-            _no_closure, leaves.keys, leaves.params, False, self._run(), _none, self._storage
-        )
-        moved._move_to(_tree.add_leaves(leaves.params, _tree.leaves(e)))
-        self._moved = moved
-        self._perturbed = _Perturbed(pieces, state, first, ascent_state, leaves)
-        self._guard.start()
+        _two_step.first_step(self, zero_grad, scaler)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -468,58 +322,14 @@ class SAM(torch.optim.Optimizer):
             with lightning.counted_as_step(self):
                 inner.second_step(zero_grad, scaler=scaler)
             return
-        if self._perturbed is None and not self._skip_second:
-            raise RuntimeError(
-                "second_step called without first_step: call first_step() after the first "
-                "backward pass (or use step(closure), which runs both)"
-            )
-        self.restore()
-        perturbed, self._perturbed = self._perturbed, None
-        skipped, self._skip_second = self._skip_second, False
-        self._watch.seen = False
-        if not skipped and perturbed is not None:
-            self._descend(perturbed, scaler)
-        # torch.optim.lr_scheduler wraps SAM.step to note that the optimizer
-        # stepped; the two-step API goes around it, so note it here.
-        self._opt_called = True
-        if zero_grad:
-            self.zero_grad()
-
-    def _descend(self, perturbed: _Perturbed, scaler: Optional[torch.amp.GradScaler]) -> None:
-        """The combine phase and the base optimizer's step, if the gradients are usable."""
-        leaves = perturbed.leaves
-        had = [p.grad is not None for p in leaves.params]
-        second = grads_of(leaves.params)
-        if scaler is None and not self._finite_or_skip(
-            leaves.tree(second), SECOND_PASS, scaled=False
-        ):
-            return
-        first = perturbed.first_grads if perturbed.first_grads is not None else second
-        state = perturbed.state
-        out, combine_state = combine(
-            perturbed.pieces,
-            leaves.tree(first),
-            leaves.tree(second),
-            state,
-            leaves.tree(leaves.params),
-        )
-        write_grads(leaves.params, _tree.leaves(out), had)
-        new_state = advance(
-            state._replace(ascent=perturbed.ascent_state, combine=combine_state), True
-        )
-        if scaler is not None:
-            scaler.step(self.base_optimizer)
-            if _tree.norm_is_finite(leaves.tree(second)):
-                self._commit(new_state)
-            else:
-                self.skipped_steps += 1  # scaler.step skipped it
-            return
-        self.base_optimizer.step()
-        self._commit(new_state)
+        _two_step.second_step(self, zero_grad, scaler)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears the gradients (as ``torch.optim.Optimizer.zero_grad``)."""
-        super().zero_grad(set_to_none)
+        if set_to_none:  # torch's own walks the same params, inside a profiler record
+            _clear_grads(self.param_groups)
+        else:
+            super().zero_grad(set_to_none)
         if hasattr(self, "_watch"):
             self._watch.seen = False
 
@@ -579,7 +389,7 @@ class SAM(torch.optim.Optimizer):
             leaves.params,
             fresh,
             self._run(),
-            lambda: super(SAM, self).zero_grad(set_to_none=True),
+            lambda: _clear_grads(self.param_groups),
             self._storage,
         )
         tree = leaves.tree(leaves.params)
@@ -619,128 +429,32 @@ class SAM(torch.optim.Optimizer):
         self._watch_params()
 
     def state_dict(self) -> dict[str, Any]:
-        """This optimizer's groups plus the base optimizer's whole state."""
+        """This optimizer's groups plus the base optimizer's whole state (and the method's)."""
         self._refuse_mid_step("save a state_dict")
-        state = super().state_dict()
-        state["base_optimizer"] = self.base_optimizer.state_dict()
-        if self._method_pieces is not None:
-            state["method_state"] = self.method_state
-            state["method"] = self._method_pieces.name
-        return state
+        return _class_checkpoint.state_dict_of(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a checkpoint of this class, of the seed's SAM, or of the base optimizer.
 
-        * this class's ``state_dict``: groups and the base optimizer's state;
-        * the seed's SAM (no ``eta``, per-parameter ``old_p`` copies, no base
-          state): its groups load, ``eta`` takes this optimizer's default, and
-          the base optimizer starts fresh (a warning says so: the seed never
-          saved its momentum);
-        * a plain base-optimizer ``state_dict`` (e.g. ``torch.optim.SGD``'s,
-          to go on from SGD with SAM): it is loaded into ``base_optimizer``,
-          and each group keeps its current ``rho``, ``adaptive`` and ``eta``.
+        See ``samfunc._class_checkpoint``: the seed's (its base optimizer
+        starts fresh, with a warning) and a plain base optimizer's (each group
+        keeps its ``rho``, ``adaptive`` and ``eta``) load too.
         """
         self._refuse_mid_step("load a state_dict")
-        state_dict = dict(state_dict)
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or "state" not in state_dict:
-            raise ValueError(
-                "state_dict must be an optimizer state_dict with 'state' and 'param_groups', "
-                f"got keys {sorted(state_dict)}"
-            )
-        base_state = state_dict.pop("base_optimizer", None)
-        saved_method = state_dict.pop("method", None)
-        self._load_method_state(state_dict.pop("method_state", None), saved_method)
-        if base_state is None and not all(SAM_OPTIONS[0] in group for group in groups):
-            self._load_base_state(state_dict)
-            return
-        current = [{key: group[key] for key in SAM_OPTIONS} for group in self.param_groups]
-        state_dict["state"] = {}  # SAM keeps nothing per parameter (the seed's old_p is w)
-        super().load_state_dict(state_dict)
-        self._fill_options(current)
-        if base_state is None:
-            warnings.warn(
-                "the state_dict has no base optimizer state (a checkpoint of the seed's SAM, "
-                "which does not save it): the base optimizer's state, such as momentum, "
-                "starts fresh",
-                UserWarning,
-                stacklevel=2,
-            )
-            self.base_optimizer.state.clear()
-        else:
-            self.base_optimizer.load_state_dict(base_state)
-        self.base_optimizer.param_groups = self.param_groups
-
-    def _load_method_state(self, method_state: Any, saved_method: Any) -> None:
-        pieces = self._method_pieces
-        if pieces is None:
-            if method_state is not None:
-                raise ValueError(
-                    f"the state_dict holds the state of a method ({saved_method}), but this SAM "
-                    "has no method: build it with the same method=..."
-                )
-            return
-        if method_state is not None:
-            leaves = self._leaves()
-            tree = {k: p.detach() for k, p in leaves.tree(leaves.params).items()}
-            expected = init_state(pieces, tree)
-            problem = _tree.first_difference(expected, method_state, ("expected", "saved"))
-            if saved_method is not None and saved_method != pieces.name:
-                problem = problem or "another method"
-            if problem is not None:
-                raise ValueError(
-                    f"the state_dict holds a state of {saved_method or 'another method'}, which "
-                    f"does not fit this SAM's method {pieces.name} ({problem}): load it into a "
-                    "SAM built with the same method and parameters"
-                )
-        self.method_state = method_state
-
-    def _load_base_state(self, state_dict: dict[str, Any]) -> None:
-        current = [{key: group[key] for key in SAM_OPTIONS} for group in self.param_groups]
-        self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
-        self._fill_options(current)
-
-    def _fill_options(self, current: list[dict[str, Any]]) -> None:
-        """Groups loaded without SAM's options take the ones they had before."""
-        for index, (group, before) in enumerate(zip(self.param_groups, current)):
-            for key, value in before.items():
-                group.setdefault(key, value)
-            _check_group(index, group)
+        _class_checkpoint.load_state_dict_into(self, state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickling (``torch.save(opt)``, ``copy.deepcopy``) keeps the base optimizer."""
         self._refuse_mid_step("pickle or copy the optimizer")
-        state: dict[str, Any] = super().__getstate__()
-        state["base_optimizer"] = self.base_optimizer
-        state["nonfinite"] = self.nonfinite
-        state["skipped_steps"] = self.skipped_steps
-        state["method"] = self.method
-        state["method_state"] = self.method_state
-        state["reuse_rng"] = self.reuse_rng
-        return state
+        return _class_checkpoint.pickled_state(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        base = state.pop("base_optimizer", None)
-        self.nonfinite = state.pop("nonfinite", getattr(self, "nonfinite", "raise"))
-        self.skipped_steps = state.pop("skipped_steps", getattr(self, "skipped_steps", 0))
-        # Optimizer.load_state_dict calls this with the groups only: keep what is here.
-        self.method = state.pop("method", getattr(self, "method", None))
-        self._method_pieces = None if self.method is None else pieces_of(self.method)
-        self.method_state = state.pop("method_state", getattr(self, "method_state", None))
-        self.reuse_rng = state.pop("reuse_rng", getattr(self, "reuse_rng", False))
-        super().__setstate__(state)
-        if base is not None:
-            self.base_optimizer = base
-            # One pickle shares one list object, so these are the same groups again.
-            self.param_groups = base.param_groups
+        _class_checkpoint.unpickle_into(self, state)
         self._start_runtime()
 
 
-def _no_closure() -> Any:
-    raise AssertionError("first_step moves the parameters without a closure")  # pragma: no cover
-
-
-def _none() -> None:
-    return None
+def _clear_grads(groups: list[dict[str, Any]]) -> None:
+    """``p.grad = None`` for every parameter of ``groups``."""
+    for group in groups:
+        for p in group["params"]:
+            p.grad = None

@@ -30,12 +30,13 @@ import torch.utils._pytree as pytree
 from typing_extensions import Unpack
 
 from . import _tree
-from ._ascent import ScaleByRadiusState
+from ._ascent import SamAscentState, ScaleByRadiusState
 from ._base import (
     PARTS_OPTION_NAMES,
     SAM_OPTION_NAMES,
     GradientTransformation,
     Method,
+    MethodState,
     OptState,
     PartsOptions,
     Pieces,
@@ -46,7 +47,7 @@ from ._distributed import refuse_parallel_wrapper
 from ._engine import finish_phase, first_phase, interpret
 from ._finite import NonFinitePolicy, check_policy
 from ._loss_scale import DynamicLossScale, LossScaleState
-from ._module import ModuleAux, mean_over_parts, module_loss, module_state
+from ._module import ModuleAux, has_tied_tensors, mean_over_parts, module_loss, module_state
 from ._options import RunOptions, run_options
 from ._passes import FirstPass
 from ._phases import init_state, is_whole, pieces_of
@@ -200,6 +201,8 @@ def init_train_state(
 
 def _radius_in(method_state: Any, device: torch.device) -> torch.Tensor:
     """The radius a method's state recorded (its first ``scale_by_radius``), else NaN."""
+    if isinstance(method_state, MethodState) and isinstance(method_state.ascent, SamAscentState):
+        return method_state.ascent.radius.radius  # SAM's ascent and those built on it: no walk
     found = [
         leaf
         for leaf in pytree.tree_leaves(
@@ -397,6 +400,9 @@ def _kept(finite: torch.Tensor, new: Any, old: Any) -> Any:
     Leaves on another device than ``finite`` (the clock, on the CPU) follow
     it through a copy, never a read on the host.
     """
+    if finite.device.type == "cpu" and _tree.fused_ops():
+        # Eager on the CPU the flag is free to read (as _tree.where): keep one state whole.
+        return new if bool(finite) else old
     new_leaves, spec = _tree.flatten(new)
     old_leaves = _tree.leaves(old)
     if len(new_leaves) != len(old_leaves):
@@ -494,7 +500,8 @@ def make_module_train_step(
     BatchNorm in training mode needs ``vectorize_chunks=False`` with
     ``num_chunks > 1``. The other arguments are those of ``make_train_step``;
     a bare ``Method(init, grad)`` must take ``has_aux`` (the loss returns
-    ``(loss, ModuleAux)``).
+    ``(loss, ModuleAux)``). Whether the module ties weights (one tensor under
+    two names) is read once, here: tie them before building the step.
 
     Examples:
         >>> import torch
@@ -510,9 +517,12 @@ def make_module_train_step(
     refuse_parallel_wrapper(module)
     settings = _settings(options)
     parts = settings.run.num_chunks * settings.run.accum_steps
+    tied = has_tied_tensors(module)  # found once: tie weights after this, build a new step
 
     def step(state: TrainState, batch: Any, kind: Kind = PLANNED) -> tuple[TrainState, StepMetrics]:
-        loss_fn = module_loss(module, criterion, state.buffers, detach_output=False)
+        loss_fn = module_loss(
+            module, criterion, state.buffers, detach_output=False, tie_weights=tied
+        )
         gradient = _gradient(loss_fn, state, batch, settings, True, kind)
         loss, aux = gradient.value
         aux = _merge_parts(aux, parts)
@@ -522,7 +532,9 @@ def make_module_train_step(
         return new.state, metrics
 
     def first(state: TrainState, batch: Any) -> FirstPass:
-        loss_fn = module_loss(module, criterion, state.buffers, detach_output=False)
+        loss_fn = module_loss(
+            module, criterion, state.buffers, detach_output=False, tie_weights=tied
+        )
         return _first(loss_fn, state, batch, settings, True)
 
     return _returned(step, first, settings)

@@ -346,6 +346,8 @@ def _leaf_norms(
     """Each leaf's norm (one fused ``_foreach_norm`` per device), on the first leaf's device."""
     home = tensors[0].device
     fused = fused_ops()
+    if fused and all(t.device == home for t in tensors):  # one device: one call, no move
+        return torch.stack(list(torch._foreach_norm(list(tensors), ord, dtype=dtype)))
     stacks = []
     for device_tensors in _by_device(tensors):
         if fused:
@@ -471,6 +473,10 @@ def scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
     return unflatten(mul_leaves(a, factor), spec)
 
 
+#: Tensor types that are never a DTensor (checked without importing torch.distributed).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_dtensor(leaf: Any) -> bool:
     """Whether ``leaf`` is a ``torch.distributed.tensor.DTensor`` (FSDP2, tensor parallel)."""
     if not torch.distributed.is_available():
@@ -486,7 +492,7 @@ def copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) 
     One fused ``torch._foreach_copy_``, except for DTensors (FSDP2's sharded
     parameters), for which that op has no sharding strategy: one copy each.
     """
-    if any(is_dtensor(t) for t in targets):
+    if any(type(t) not in _PLAIN and is_dtensor(t) for t in targets):
         for target, source in zip(targets, sources):
             target.copy_(source)
         return

@@ -108,6 +108,25 @@ def test_tied_weights_appear_once_and_get_one_gradient() -> None:
     torch.testing.assert_close(grads["embed.weight"], model.embed.weight.grad)
 
 
+def test_module_train_step_on_tied_weights_equals_torch_optim() -> None:
+    """The train step reads the ties once, when built, and still sums both uses."""
+    torch.manual_seed(0)
+    model = TiedModel().double()
+    reference = copy.deepcopy(model)
+    opt = samfunc.sgd(0.1, momentum=0.9)
+    step = samfunc.make_module_train_step(model, F.cross_entropy, opt, sam=False)
+    state = samfunc.init_train_state(model, opt)
+    torch_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        batch = (torch.randint(0, 7, (10,)), torch.randint(0, 7, (10,)))
+        state, _ = step(state, batch)
+        torch_opt.zero_grad()
+        F.cross_entropy(reference(batch[0]), batch[1]).backward()
+        torch_opt.step()
+    assert_trees_close(state.params, samfunc.module_params(reference))
+
+
 def dropout_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
