@@ -80,6 +80,7 @@ from ._sam import sam_grad as sam_grad
 from ._sam import sam_grad_and_value as sam_grad_and_value
 from ._schedule import constant_schedule as constant_schedule
 from ._schedule import cosine_decay_schedule as cosine_decay_schedule
+from ._schedule import group_learning_rate as group_learning_rate
 from ._schedule import join_schedules as join_schedules
 from ._schedule import linear_schedule as linear_schedule
 from ._schedule import multistep_schedule as multistep_schedule
@@ -284,6 +285,7 @@ __all__ = [
     "identity",
     "join_schedules",
     "linear_schedule",
+    "group_learning_rate",
     "masked",
     "multistep_schedule",
     "perturbation",

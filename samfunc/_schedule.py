@@ -15,9 +15,13 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -34,6 +38,8 @@ __all__ = [
     "multistep_schedule",
     "join_schedules",
     "warmup_cosine_decay_schedule",
+    "group_learning_rate",
+    "group_learning_rates",
 ]
 
 
@@ -309,3 +315,70 @@ def warmup_cosine_decay_schedule(
     warmup = linear_schedule(init_value, peak_value, warmup_steps)
     decay = _cosine_between(peak_value, end_value, decay_steps - warmup_steps)
     return join_schedules([warmup, decay], [warmup_steps])
+
+
+# --- the learning rate of samfunc.SAM's param_groups --------------------------------------------
+
+#: The learning rates of the param_groups of the samfunc.SAM whose step is running (None outside).
+_GROUP_LEARNING_RATES: contextvars.ContextVar[Optional[tuple[float, ...]]] = contextvars.ContextVar(
+    "samfunc_group_learning_rates", default=None
+)
+
+
+def group_learning_rate(group: int = 0) -> Schedule:
+    """The learning rate in ``samfunc.SAM``'s ``param_groups[group]`` at this step, as a schedule.
+
+    What a ``torch.optim.lr_scheduler`` set (or you did) is read when the
+    step runs, so ``rho_from_learning_rate(group_learning_rate(), ...)``
+    gives GSAM's rho in the class with the torch scheduler alone, as the
+    authors' loop does with theirs. It runs only inside ``SAM.step`` and
+    ``SAM.first_step``; a functional step has no param_groups: give
+    ``rho_from_learning_rate`` the learning-rate schedule itself.
+
+    Args:
+        group: which param group's ``lr``.
+
+    Examples:
+        >>> import torch
+        >>> import samfunc
+        >>> rho = samfunc.rho_from_learning_rate(
+        ...     group_learning_rate(), rho_max=0.1, rho_min=0.0, lr_max=0.2, lr_min=0.0
+        ... )
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = samfunc.SAM([w], torch.optim.SGD, lr=0.2, method=samfunc.gsam(rho=rho))
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    """
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+        raise ValueError(f"group must be an int >= 0, got {group!r}")
+    return _GroupLearningRate(group)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupLearningRate:
+    group: int
+
+    def __call__(self, count: torch.Tensor | int) -> torch.Tensor:
+        del count  # the scheduler moved the learning rate already
+        rates = _GROUP_LEARNING_RATES.get()
+        if rates is None:
+            raise RuntimeError(
+                "group_learning_rate() reads the lr of samfunc.SAM's param_groups, so it runs "
+                "only inside SAM.step(closure) or SAM.first_step(); in a functional step, give "
+                "rho_from_learning_rate the learning-rate schedule itself"
+            )
+        if self.group >= len(rates):
+            raise IndexError(
+                f"group_learning_rate({self.group}): this optimizer has {len(rates)} param groups"
+            )
+        return torch.tensor(rates[self.group], dtype=torch.float64)
+
+
+@contextlib.contextmanager
+def group_learning_rates(groups: Sequence[dict[str, Any]]) -> Iterator[None]:
+    """Makes ``group_learning_rate`` read these groups' ``lr`` (the class, around its step)."""
+    rates = tuple(float(group["lr"]) if "lr" in group else math.nan for group in groups)
+    token = _GROUP_LEARNING_RATES.set(rates)
+    try:
+        yield
+    finally:
+        _GROUP_LEARNING_RATES.reset(token)

@@ -51,6 +51,7 @@ from ._groups import (
 from ._module import RunningStatsGuard
 from ._options import RunOptions
 from ._phases import ascent_pieces, call_whole, init_state, is_whole
+from ._schedule import group_learning_rates
 from ._validate import check_bool, check_nonnegative
 from .integrations import lightning
 
@@ -394,7 +395,7 @@ class SAM(torch.optim.Optimizer):
         )
         tree = leaves.tree(leaves.params)
         locked = _rng.RNG_LOCK if self.reuse_rng else contextlib.nullcontext()
-        with locked:
+        with locked, group_learning_rates(self.param_groups):
             try:
                 if is_whole(pieces):
                     assert pieces.whole is not None

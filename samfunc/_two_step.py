@@ -35,6 +35,7 @@ from ._finite import raise_if_nonfinite
 from ._groups import Leaves
 from ._options import FIRST_PASS, SECOND_PASS
 from ._phases import advance, ascend, combine, is_whole
+from ._schedule import group_learning_rates
 
 if TYPE_CHECKING:
     from ._stateful import SAM
@@ -71,7 +72,8 @@ def first_step(opt: SAM, zero_grad: bool, scaler: Optional[torch.amp.GradScaler]
     if not _finite_or_skip(opt, leaves.tree(grads), FIRST_PASS, scaled=scaler is not None):
         opt._skip_second = True
     else:
-        _perturb(opt, pieces, leaves, grads)
+        with group_learning_rates(opt.param_groups):
+            _perturb(opt, pieces, leaves, grads)
     if zero_grad:
         opt.zero_grad()
 

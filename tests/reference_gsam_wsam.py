@@ -165,8 +165,12 @@ def gsam_reference(
     alpha: float,
     adaptive: bool = False,
     perturb_eps: float = GSAM_EPS,
+    lr_at: Callable[[int], float] | None = None,
 ) -> list[Params]:
     """GSAM as juntang-zhuang/GSAM ``GSAM.step`` does it; ``rho_at(t)`` is rho at step ``t``.
+
+    ``lr_at(t)``: the base optimizer's learning rate at step ``t`` (what the README's
+    ``lr_scheduler.step()`` sets), ``lr`` throughout when None.
 
     ``e = rho_t * g / (||g|| + eps)`` (adaptive: ``* w**2`` with ``||(|w| * g)||``), then
     ``grad = g_s - alpha * (g - cos * ||g|| * g_s / (||g_s|| + eps))`` with
@@ -178,6 +182,8 @@ def gsam_reference(
     history: list[Params] = []
     for t, batch in enumerate(batches):
         rho = rho_at(t)
+        if lr_at is not None:
+            opt.param_groups[0]["lr"] = lr_at(t)
         # step(): outputs, loss_value = get_grad()
         _forward_backward(loss_fn, w, batch)
         with torch.no_grad():

@@ -139,6 +139,67 @@ def test_gsam_with_rho_tied_to_the_learning_rate_equals_the_official_loop() -> N
     check_against("gsam (rho tied to lr)", ours, reference)
 
 
+@pytest.mark.parametrize("two_step", [False, True], ids=["step_closure", "first_second_step"])
+def test_gsam_in_the_class_follows_a_torch_scheduler_like_the_official_loop(
+    two_step: bool,
+) -> None:
+    """rho from the lr that torch.optim.lr_scheduler put in param_groups (issue 25, item 4)."""
+    tied = dict(rho_max=0.2, rho_min=0.02, lr_max=0.2, lr_min=0.0)
+    rho = samfunc.rho_from_learning_rate(samfunc.group_learning_rate(), **tied)
+    w = {k: torch.nn.Parameter(v.clone()) for k, v in PARAMS.items()}
+    opt = samfunc.SAM(
+        list(w.items()),
+        torch.optim.SGD,
+        lr=0.2,
+        momentum=MOMENTUM,
+        method=samfunc.gsam(rho=rho, alpha=0.4),
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS)
+    lrs, ours = [], []
+    for batch in BATCHES:
+        lrs.append(opt.param_groups[0]["lr"])
+
+        def closure(batch: Any = batch) -> torch.Tensor:
+            opt.zero_grad()
+            loss = mean_loss(w, batch)
+            loss.backward()
+            return loss
+
+        if two_step:
+            closure()
+            opt.first_step(zero_grad=True)
+            closure()
+            opt.second_step(zero_grad=True)
+        else:
+            opt.step(closure)
+        scheduler.step()
+        ours.append({k: v.detach().clone() for k, v in w.items()})
+    assert len(set(lrs)) == STEPS  # the scheduler moved the lr every step
+    reference = gsam_reference(
+        mean_loss,
+        PARAMS,
+        BATCHES,
+        rho_at=lambda t: gsam_rho_from_lr(lrs[t], **tied),
+        alpha=0.4,
+        lr=0.2,
+        momentum=MOMENTUM,
+        lr_at=lambda t: lrs[t],
+    )
+    check_against("gsam in the class, rho from a torch scheduler's lr", ours, reference)
+
+
+def test_group_learning_rate_outside_the_class_says_where_it_runs() -> None:
+    rho = samfunc.rho_from_learning_rate(
+        samfunc.group_learning_rate(), rho_max=0.2, rho_min=0.0, lr_max=0.2, lr_min=0.0
+    )
+    method = samfunc.gsam(rho=rho)
+    params = {k: v.clone() for k, v in PARAMS.items()}
+    with pytest.raises(RuntimeError, match="only inside SAM.step"):
+        method.grad(mean_loss, params, BATCHES[0], method.init(params))
+    with pytest.raises(ValueError, match="group must be an int >= 0, got -1"):
+        samfunc.group_learning_rate(-1)
+
+
 def test_wsam_equals_the_official_loop() -> None:
     ours = run_functional(samfunc.wsam(rho=0.1, gamma=0.9), mean_loss, PARAMS, BATCHES)
     reference = wsam_reference(mean_loss, PARAMS, BATCHES, rho=0.1, gamma=0.9, **HYPER)

@@ -292,6 +292,8 @@ def rho_from_learning_rate(
     and ``rho_max`` when ``lr_max <= lr_min`` (the authors' ``ProportionScheduler``).
     ``lr_t`` is ``learning_rate`` at the same step count, so the ascent's rho
     moves with the optimizer's learning rate when both count the same steps.
+    In ``samfunc.SAM`` with a ``torch.optim.lr_scheduler``, pass
+    ``samfunc.group_learning_rate()``: the lr the scheduler set for this step.
 
     Examples:
         >>> import torch
