@@ -617,13 +617,19 @@ class _SamAscent:
             object.__setattr__(self, key, value)
 
     def _for_params(self, params: Params) -> _Built:
-        """The chain for these params' leaves, built once per tree structure."""
+        """The chain for these params' leaves, built once per tree structure.
+
+        While ``torch.compile`` traces, the chain is built afresh and the cache
+        is neither read nor written: a graph that read it would be guarded on its
+        contents, and the first eager call after compiling (which fills it)
+        would recompile the step.
+        """
+        if torch.compiler.is_compiling():
+            return self._build(params)
         key = _structure_key(params)
         found = self.built.get(key)
         if found is None:
-            found = self._build(params)
-            if not torch.compiler.is_compiling():  # a traced graph keeps no Python side effect
-                self.built[key] = found
+            found = self.built[key] = self._build(params)
         return found
 
     def _build(self, params: Params) -> _Built:

@@ -94,14 +94,28 @@ class ChoosingStep:
         self.finish_full: StepFn = finish_full
         self.finish_cheap: StepFn = finish_cheap
 
+    def _refusal(self) -> RuntimeError:
+        return RuntimeError(
+            f"this train step ({self.name}) chooses each step's kind in Python: compile it "
+            "with samfunc.compile_step(step, ...), which compiles one graph per kind, not "
+            "with torch.compile(step)"
+        )
+
+    @property
+    def __code__(self) -> Any:
+        """None (a step is no function); read by ``torch.compile(step)``, which is refused.
+
+        Dynamo reads a callable's ``__code__`` as it starts to trace it, so
+        samfunc's error comes first, with or without ``fullgraph``, instead of
+        Dynamo's "Observed exception" (fullgraph) or a silent fallback to
+        eager (without).
+        """
+        if torch.compiler.is_compiling():
+            raise self._refusal()
+        raise AttributeError("__code__")
+
     def __call__(self, state: Any, batch: Any) -> tuple[Any, Any]:
         """One step: the policy's choice, then the pure step of that kind."""
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                f"this train step ({self.name}) chooses each step's kind in Python: compile it "
-                "with samfunc.compile_step(step, ...), which compiles one graph per kind, not "
-                "with torch.compile(step)"
-            )
         if self.first_pass is not None:
             first = self.first_pass(state, batch)
             finish = self.finish_full if bool(first.full) else self.finish_cheap

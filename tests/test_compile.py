@@ -159,3 +159,29 @@ def test_bad_rho_inside_a_compiled_function() -> None:
     assert compiled(torch.tensor(-0.5))["w"].isnan().all()
     assert compiled(torch.tensor(float("inf")))["w"].isnan().all()
     assert torch.isfinite(compiled(torch.tensor(0.05))["w"]).all()
+
+
+def test_a_partial_last_batch_marked_dynamic_runs_in_the_same_graph() -> None:
+    """The functional guide's advice: mark_dynamic on the batch dimension, one graph for 8 and 5."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)
+    )
+    opt = samfunc.sgd(0.1, momentum=0.9)
+    step = samfunc.make_module_train_step(model, F.cross_entropy, opt)
+    dataset = torch.utils.data.TensorDataset(torch.randn(13, 4), torch.randint(0, 3, (13,)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8)  # batches of 8 and 5
+    torch._dynamo.reset()
+    compiled_step = torch.compile(step, fullgraph=True)
+    eager = compiled = samfunc.init_train_state(model, opt)
+    sizes = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            for x, y in loader:
+                torch._dynamo.mark_dynamic(x, 0)
+                torch._dynamo.mark_dynamic(y, 0)
+                compiled, _ = compiled_step(compiled, (x, y))
+                eager, _ = step(eager, (x, y))
+                sizes.append(x.shape[0])
+    assert sizes == [8, 5, 8, 5]
+    assert max_abs_diff(eager.params, compiled.params) <= 1e-5

@@ -410,8 +410,13 @@ def test_compiled_steps_are_one_graph_per_kind_without_recompiles(name: str, gra
     assert 0 < full_steps < 8
     assert samfunc.full_step_fraction(compiled_state) == full_steps / 8
     assert counters["stats"]["unique_graphs"] == graphs
-    with pytest.raises(Exception, match="compile_step"):
-        torch.compile(make_step(method), fullgraph=True)(compiled_state, BATCHES[0])
+    for fullgraph in (True, False):  # samfunc's message first, not Dynamo's, nor a silent eager run
+        with pytest.raises(Exception) as raised:
+            torch.compile(make_step(method), fullgraph=fullgraph)(compiled_state, BATCHES[0])
+        first_line = str(raised.value).splitlines()[0]
+        assert "chooses each step's kind in Python: compile it with samfunc.compile_step" in (
+            first_line
+        ), first_line
 
 
 def test_accumulation_gives_the_whole_batch_step_for_both_kinds() -> None:

@@ -194,7 +194,7 @@ def test_group_learning_rate_outside_the_class_says_where_it_runs() -> None:
     )
     method = samfunc.gsam(rho=rho)
     params = {k: v.clone() for k, v in PARAMS.items()}
-    with pytest.raises(RuntimeError, match="only inside SAM.step"):
+    with pytest.raises(RuntimeError, match=r"only inside SAM\.step"):
         method.grad(mean_loss, params, BATCHES[0], method.init(params))
     with pytest.raises(ValueError, match="group must be an int >= 0, got -1"):
         samfunc.group_learning_rate(-1)
