@@ -117,6 +117,8 @@ from ._transform import scale_by_schedule as scale_by_schedule
 from ._transform import trace as trace
 from ._tree import global_norm as global_norm
 from ._update import apply_updates as apply_updates
+from .integrations.lightning import LightningSAMMixin as LightningSAMMixin
+from .integrations.lightning import in_second_pass as in_second_pass
 from .methods.efficient import LookSamState as LookSamState
 from .methods.efficient import MesaState as MesaState
 from .methods.efficient import MomentumSamState as MomentumSamState
@@ -248,6 +250,8 @@ __all__ = [
     "disable_running_stats",
     "enable_running_stats",
     "frozen_running_stats",
+    "in_second_pass",
+    "LightningSAMMixin",
     "load_into_module",
     "mean_over_parts",
     "module_buffers",

@@ -32,6 +32,7 @@ from ._module import RunningStatsGuard
 from ._options import RunOptions
 from ._passes import Pass
 from ._tree import PyTree
+from .integrations import lightning
 
 __all__ = ["ClosurePasses", "Moved", "grads_of", "write_grads"]
 
@@ -172,9 +173,9 @@ class ClosurePasses:
         return self._evaluate(point)
 
     def second(self, point: PyTree, batch: Any) -> Pass:
-        """The pass at ``w + e``: the first pass's draws replayed, one BatchNorm update kept."""
+        """The pass at ``w + e`` (``in_second_pass``): the first draws replayed, BatchNorm kept."""
         del batch
-        with RunningStatsGuard().held():
+        with RunningStatsGuard().held(), lightning.second_pass():
             if self.replay is None:
                 return self._evaluate(point)
             return _rng.replayed(self.replay[0], lambda: self._evaluate(point))

@@ -2,7 +2,8 @@
 
 Each test trains a tiny MLP for a few steps through the framework and compares the
 parameters with a SAM loop written from the paper (w + rho g / ||g||, the gradient
-there, back to w, SGD with momentum), counting forward and backward passes. The code
+there, back to w, SGD with momentum), counting forward and backward passes; with
+BatchNorm, dropout, self.log and torchmetrics, also what is logged and counted. The code
 between ``# recipe:`` and ``# end recipe`` is each pattern's core; the README's
 self-contained versions run in tests/test_readme_scaling.py.
 """
@@ -133,7 +134,7 @@ def lightning() -> Iterator[Any]:
 
 
 def make_trainer(lightning: Any, **kwargs: Any) -> Any:
-    return lightning.Trainer(
+    options: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
         max_steps=STEPS,
@@ -141,8 +142,8 @@ def make_trainer(lightning: Any, **kwargs: Any) -> Any:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        **kwargs,
     )
+    return lightning.Trainer(**{**options, **kwargs})
 
 
 def fit(model: Any, trainer: Any, loader: torch.utils.data.DataLoader) -> None:
@@ -329,6 +330,242 @@ def test_lightning_manual_float16_loss_scaling_two_step(lightning: Any) -> None:
     check("lightning manual 16-mixed first_step/second_step", expected, model.net, atol=1e-6)
     assert trainer.optimizers[0].skipped_steps == 0
     assert trainer.global_step == STEPS
+
+
+# --- Lightning: BatchNorm, dropout, self.log and torchmetrics, first pass only ----------------
+
+
+def make_bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.5)]
+    return torch.nn.Sequential(*layers, torch.nn.Tanh(), torch.nn.Linear(6, 1)).double()
+
+
+def step_seed(step: int) -> int:
+    """The seed each step starts from, in Lightning (on_train_batch_start) and in the loop."""
+    return 100 + step
+
+
+class FirstPass:
+    """What the hand-written loop records at w, each step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.outputs: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def abs_errors(self, steps: slice = slice(None)) -> torch.Tensor:
+        return torch.cat([(o - t).abs() for o, t in zip(self.outputs, self.targets)][steps])
+
+
+def hand_sam_bn(data: Batch, reuse_rng: bool) -> tuple[torch.nn.Module, FirstPass]:
+    """SAM from the paper around torch.optim.SGD: BatchNorm updated by the pass at w only,
+    and with reuse_rng the pass at w + e on the same dropout masks."""
+    net = make_bn_net()
+    params = list(net.parameters())
+    base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+    first = FirstPass()
+    x_all, y_all = data
+    for step in range(STEPS):
+        x, y = x_all[step * BATCH : (step + 1) * BATCH], y_all[step * BATCH : (step + 1) * BATCH]
+        torch.manual_seed(step_seed(step))
+        draws = torch.get_rng_state()
+        out = net(x)
+        loss = F.mse_loss(out, y)
+        g = torch.autograd.grad(loss, params)
+        first.losses.append(loss.item())
+        first.outputs.append(out.detach())
+        first.targets.append(y)
+        norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+        e = [RHO * gi / (norm + 1e-12) for gi in g]
+        running = [b.clone() for b in net.buffers()]
+        with torch.no_grad():
+            for p, ei in zip(params, e):
+                p.add_(ei)
+        with torch.random.fork_rng():
+            if reuse_rng:
+                torch.set_rng_state(draws)
+            g_s = torch.autograd.grad(F.mse_loss(net(x), y), params)
+        with torch.no_grad():
+            for b, before in zip(net.buffers(), running):
+                b.copy_(before)
+            for p, ei, gs in zip(params, e, g_s):
+                p.sub_(ei)
+                p.grad = gs
+        base.step()
+    return net, first
+
+
+def memory_logger(lightning: Any) -> Any:
+    class MemoryLogger(lightning.loggers.Logger):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[int, dict[str, float]]] = []
+
+        @property
+        def name(self) -> str:
+            return "memory"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.rows.append((-1 if step is None else step, dict(metrics)))
+
+        def logged(self, key: str) -> list[float]:
+            return [metrics[key] for _, metrics in self.rows if key in metrics]
+
+    return MemoryLogger()
+
+
+def bn_module() -> type:
+    # recipe: lightning-batchnorm-metrics
+    import pytorch_lightning as pl
+    import torchmetrics
+
+    class LitSAM(samfunc.LightningSAMMixin, pl.LightningModule):
+        def __init__(self, net, reuse_rng):
+            super().__init__()
+            self.net = net
+            self.reuse_rng = reuse_rng
+            self.mse = torchmetrics.MeanSquaredError()  # updated each step, read at the end
+            self.mae = torchmetrics.MeanAbsoluteError()  # called each step, logged
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            out = self.net(x)
+            loss = torch.nn.functional.mse_loss(out, y)
+            self.mse.update(out, y)
+            self.mae(out, y)
+            self.log("train_loss", loss)
+            self.log("train_mae", self.mae, on_step=True, on_epoch=True)
+            return loss
+
+        def configure_optimizers(self):
+            return samfunc.SAM(
+                self.parameters(),
+                torch.optim.SGD,
+                rho=0.05,
+                lr=0.1,
+                momentum=0.9,
+                reuse_rng=self.reuse_rng,
+            )
+
+    # end recipe
+    return LitSAM
+
+
+@pytest.mark.parametrize("reuse_rng", [False, True])
+def test_lightning_automatic_counts_the_first_pass_only(lightning: Any, reuse_rng: bool) -> None:
+    """BatchNorm, self.log, torchmetrics and the step's outputs from w; dropout replayed on ask."""
+    pytest.importorskip("torchmetrics")
+    data = make_data(batches=STEPS)
+
+    class Recorded(bn_module()):  # type: ignore[misc]
+        def __init__(self, net: torch.nn.Module, reuse_rng: bool) -> None:
+            super().__init__(net, reuse_rng)
+            self.masks: list[torch.Tensor] = []
+            self.outputs: list[float] = []
+            net[2].register_forward_hook(lambda m, i, out: self.masks.append(out == 0))
+
+        def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+            torch.manual_seed(step_seed(batch_idx))
+
+        def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+            self.outputs.append(outputs["loss"].item())
+
+    model = Recorded(make_bn_net(), reuse_rng)
+    logger = memory_logger(lightning)
+    trainer = make_trainer(lightning, logger=logger, log_every_n_steps=1, max_epochs=1)
+    fit(model, trainer, make_loader(data))
+    net, first = hand_sam_bn(data, reuse_rng)
+
+    assert trainer.global_step == STEPS
+    assert len(model.masks) == 2 * STEPS
+    name = f"lightning automatic, LightningSAMMixin, BatchNorm, reuse_rng={reuse_rng}"
+    check(name, [p.detach() for p in net.parameters()], model.net, atol=1e-12)
+    torch.testing.assert_close(list(model.net.buffers()), list(net.buffers()))
+    assert int(model.net[1].num_batches_tracked) == STEPS
+    # The loss at w: logged (float32 in Lightning's results), and the step's outputs.
+    assert logger.logged("train_loss") == pytest.approx(first.losses, rel=1e-6)
+    assert model.outputs == pytest.approx(first.losses, rel=1e-12)
+    # The metrics saw each batch once, at w.
+    assert int(model.mse.total) == STEPS * BATCH
+    expected_mse = torch.cat(first.outputs).sub(torch.cat(first.targets)).pow(2).mean()
+    assert model.mse.compute().item() == pytest.approx(expected_mse.item(), rel=1e-6)
+    per_step = [first.abs_errors(slice(s, s + 1)).mean().item() for s in range(STEPS)]
+    assert logger.logged("train_mae_step") == pytest.approx(per_step, rel=1e-6)
+    assert logger.logged("train_mae_epoch") == pytest.approx([first.abs_errors().mean().item()])
+    # The same dropout masks in both passes exactly when asked.
+    same = [torch.equal(model.masks[2 * s], model.masks[2 * s + 1]) for s in range(STEPS)]
+    assert same == [reuse_rng] * STEPS
+
+
+def test_kept_metric_states_puts_back_a_metric_collection_and_list_states() -> None:
+    """Against twins that never see the extra updates; compute groups share states again."""
+    torchmetrics = pytest.importorskip("torchmetrics")
+    from torchmetrics.classification import BinaryPrecision, BinaryRecall
+
+    from samfunc.integrations.lightning import kept_metric_states
+
+    def metrics() -> torch.nn.ModuleDict:
+        collection = torchmetrics.MetricCollection([BinaryPrecision(), BinaryRecall()])
+        return torch.nn.ModuleDict({"pr": collection, "cat": torchmetrics.CatMetric()})
+
+    kept, twin = metrics(), metrics()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        p, t = torch.rand(16, generator=generator), torch.randint(0, 2, (16,), generator=generator)
+        for m in (kept, twin):
+            m["pr"].update(p, t)
+            m["cat"].update(p)
+        with kept_metric_states(kept):
+            kept["pr"].update(1 - p, t)
+            kept["pr"](p, t)
+            kept["cat"].update(2 * p)
+        # getattr: collection[name] would hand out copies of the shared states.
+        precision, recall = (getattr(kept["pr"], n) for n in ("BinaryPrecision", "BinaryRecall"))
+        assert precision.tp is recall.tp  # still one state for the compute group
+        assert precision._update_count == twin["pr"].BinaryPrecision._update_count
+    torch.testing.assert_close(kept["pr"].compute(), twin["pr"].compute())
+    torch.testing.assert_close(kept["cat"].compute(), twin["cat"].compute())
+
+
+def test_lightning_mixin_must_come_before_lightning_module(lightning: Any) -> None:
+    with pytest.raises(TypeError, match="put it first"):
+
+        class Late(lightning.LightningModule, samfunc.LightningSAMMixin):
+            pass
+
+
+def test_in_second_pass_marks_the_closure_at_w_plus_e_only() -> None:
+    """Both patterns of step(closure); first_step/second_step run no closure and never mark."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = samfunc.SAM([w], torch.optim.SGD, rho=RHO, lr=LR)
+    seen: list[bool] = []
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        seen.append(samfunc.in_second_pass())
+        return loss
+
+    opt.step(closure)
+    assert seen == [False, True]
+    (w**2).sum().backward()  # the seed's pattern: the closure runs once, at w + e
+    opt.step(closure)
+    assert seen == [False, True, True]
+    closure()
+    opt.first_step(zero_grad=True)
+    closure()
+    opt.second_step(zero_grad=True)
+    assert seen == [False, True, True, False, False]
+    assert not samfunc.in_second_pass()
 
 
 # --- Hugging Face Accelerate ------------------------------------------------------------------
