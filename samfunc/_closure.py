@@ -22,6 +22,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -151,6 +152,7 @@ class ClosurePasses:
         self.loss: Any = None
         self.had = [p.grad is not None for p in self.params]
         self.moved = Moved(self.params, storage)
+        self.calls = 0  # of the closure as a bare method's loss_fn
 
     @property
     def loss_fn(self) -> Callable[[PyTree, Any], torch.Tensor]:
@@ -220,7 +222,14 @@ class _ClosureLoss(torch.autograd.Function):
     @staticmethod
     def forward(passes: ClosurePasses, *values: torch.Tensor) -> Any:
         point = passes.tree(list(values))
-        with torch.enable_grad():
+        # A bare method's first call is its pass at w; each later one is an extra
+        # pass: it keeps BatchNorm's statistics and is marked as in_second_pass().
+        extra = passes.calls > 0
+        passes.calls += 1
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            if extra:
+                stack.enter_context(RunningStatsGuard().held())
+                stack.enter_context(lightning.second_pass())
             done = passes._evaluate(point)
         loss = done.value if isinstance(done.value, torch.Tensor) else torch.tensor(done.value)
         return (loss.detach().clone(), *[g.detach().clone() for g in _tree.leaves(done.grads)])

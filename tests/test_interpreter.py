@@ -606,6 +606,25 @@ def test_a_bare_method_runs_in_every_driver() -> None:
         del METHODS["_bare"]
 
 
+def test_a_bare_method_in_the_class_counts_one_batchnorm_update_and_one_first_pass() -> None:
+    """The first call of the closure is the pass at w; later ones keep BatchNorm and are marked."""
+    model = bn_model()
+    opt = samfunc.SAM(model.parameters(), torch.optim.SGD, lr=0.1, method=bare_method())
+    marks: list[bool] = []
+    for x, y in [(x.float(), y) for x, y in make_batches(nan_at=None)[:4]]:
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            marks.append(samfunc.in_second_pass())
+            return loss
+
+        opt.step(closure)
+    assert int(model[1].num_batches_tracked) == 4
+    assert marks == [False, True] * 4
+
+
 def test_a_bare_method_takes_a_policy() -> None:
     batches = make_batches(nan_at=None)
     METHODS["_bare_every_2"] = lambda: samfunc.with_policy(bare_method(), samfunc.every_n_steps(2))
