@@ -92,6 +92,7 @@ from ._sharpness import hessian_trace as hessian_trace
 from ._sharpness import hessian_vector_product as hessian_vector_product
 from ._sharpness import loss_landscape_1d as loss_landscape_1d
 from ._sharpness import loss_landscape_2d as loss_landscape_2d
+from ._sharpness import module_sharpness_loss as module_sharpness_loss
 from ._sharpness import random_direction as random_direction
 from ._sharpness import top_hessian_eigenvalue as top_hessian_eigenvalue
 from ._sharpness import worst_case_loss as worst_case_loss
@@ -237,6 +238,7 @@ __all__ = [
     "hessian_vector_product",
     "loss_landscape_1d",
     "loss_landscape_2d",
+    "module_sharpness_loss",
     "random_direction",
     "top_hessian_eigenvalue",
     "worst_case_loss",

@@ -3,9 +3,10 @@
 All take a ``loss_fn(params, batch)`` as ``sam_grad`` does (``has_aux=True``
 for one that returns ``(loss, aux)``, such as ``module_loss``), and use
 ``torch.func`` throughout: Hessian-vector products are forward-over-reverse,
-``jvp`` of ``grad``, and never form the Hessian. For a model with BatchNorm,
-measure in eval mode (``model.eval()``) so the loss is a function of the
-weights alone.
+``jvp`` of ``grad``, and never form the Hessian. For an ``nn.Module``,
+``module_sharpness_loss(model, criterion)`` gives the ``(loss_fn, params)``
+every tool takes: in eval mode, with the model's buffers (BatchNorm running
+statistics), and leaving the model as it was.
 
 Examples:
     >>> import torch
@@ -19,9 +20,10 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -30,6 +32,7 @@ from torch.func import grad, jvp
 from . import _tree
 from ._batch import split_batch
 from ._grad import grad_and_value
+from ._module import module_loss, module_params
 from ._sam import perturbation
 from ._tree import PyTree
 from ._validate import check_bool, check_nonnegative, check_positive, check_positive_int
@@ -44,9 +47,11 @@ __all__ = [
     "random_direction",
     "loss_landscape_1d",
     "loss_landscape_2d",
+    "module_sharpness_loss",
 ]
 
 LossFn = Callable[..., Any]
+Tensors = dict[str, torch.Tensor]
 
 
 def _loss_only(loss_fn: LossFn, has_aux: bool) -> Callable[[PyTree, Any], torch.Tensor]:
@@ -385,3 +390,130 @@ def loss_landscape_2d(
         row = [loss(_tree.add_scaled(shifted, second, float(b)), batch) for b in betas]
         rows.append(torch.stack([v.detach().double() for v in row]))
     return torch.stack(rows)
+
+
+@contextlib.contextmanager
+def _in_mode(model: torch.nn.Module, train: bool | None) -> Iterator[None]:
+    """``model.train(train)`` inside; every submodule's own flag put back on exit, even on error."""
+    if train is None:
+        yield
+        return
+    saved = [(module, module.training) for module in model.modules()]
+    model.train(train)
+    try:
+        yield
+    finally:
+        for module, flag in saved:
+            module.training = flag
+
+
+def _checked_buffers(model: torch.nn.Module, buffers: Any) -> Tensors | None:
+    if buffers is None:
+        return None
+    if not isinstance(buffers, Mapping):
+        raise TypeError(
+            f"buffers must be a dict of tensors by buffer name (as module_buffers returns) "
+            f"or None, got {type(buffers).__name__}"
+        )
+    own = dict(model.named_buffers())
+    for name, value in buffers.items():
+        if name not in own:
+            known = ", ".join(repr(n) for n in own) or "none"
+            raise ValueError(
+                f"buffers has {name!r}, which is not a buffer of the model (its buffers: {known})"
+            )
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"buffers[{name!r}] must be a tensor, got {type(value).__name__}")
+    return dict(buffers)
+
+
+def module_sharpness_loss(
+    model: torch.nn.Module,
+    criterion: Callable[[Any, Any], torch.Tensor],
+    buffers: Mapping[str, torch.Tensor] | None = None,
+    *,
+    train: bool | None = False,
+) -> tuple[Callable[[Tensors, Any], torch.Tensor], Tensors]:
+    """``(loss_fn, params)`` for the sharpness tools, from an ``nn.Module`` and a criterion.
+
+    ``loss_fn(params, batch)`` is ``criterion(model(inputs), targets)`` for a
+    batch ``(inputs, targets)`` (``inputs`` a tensor, or a tuple of the
+    model's positional arguments), run through ``torch.func.functional_call``
+    with ``params`` and the model's buffers; ``params`` is
+    ``module_params(model)``, the trainable parameters, sharing storage with
+    the model. Pass both to any tool: ``worst_case_loss``,
+    ``top_hessian_eigenvalue``, ``hessian_trace``, ``hessian_vector_product``,
+    ``loss_landscape_1d`` and ``loss_landscape_2d`` (``has_aux`` stays
+    ``False``), and ``random_direction(params)``.
+
+    One entry serves every tool, rather than a module version of each, because
+    what a module changes is only the loss: the tools stay functions of
+    ``(loss_fn, params, batch)``, and the parameters you measure at can be
+    others than the model's (``state.params`` of a functional run, with
+    ``buffers=state.buffers``).
+
+    Measuring never changes the model. Each call of ``loss_fn`` puts the model
+    in the mode chosen by ``train`` and afterwards gives every submodule back
+    its own ``training`` flag, also when the forward pass raises. The buffers
+    are copied on each call, so BatchNorm's running statistics and
+    ``num_batches_tracked`` stay as they were even in training mode. The
+    model's buffers are read at each call; ``buffers`` replaces those it names.
+
+    Args:
+        model: the model; its ``forward`` takes the batch's inputs.
+        criterion: ``criterion(output, targets)`` returning a scalar tensor
+            (``torch.nn.functional.cross_entropy``, an ``nn.CrossEntropyLoss()``).
+        buffers: the buffers to measure with, ``{name: tensor}`` (such as a
+            train state's ``buffers``); ``None`` uses the model's own, and a
+            buffer left out of the dict is the model's.
+        train: ``False`` (default) measures in eval mode: BatchNorm normalizes
+            with its running statistics and dropout is off, so the loss is a
+            function of the weights alone. ``True`` measures in training mode:
+            BatchNorm normalizes with the batch's statistics and dropout draws
+            a fresh mask on every call (seed ``torch.manual_seed`` or drop the
+            dropout for repeatable numbers). ``None`` keeps the modes the
+            submodules have (a model with frozen BatchNorm in training).
+
+    Returns:
+        ``(loss_fn, params)``: ``loss_fn(params, batch) -> loss`` and the
+        model's trainable parameters as ``{name: tensor}``, detached.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``, ``criterion`` is not
+            callable, ``train`` is not ``True``, ``False`` or ``None``, or
+            ``buffers`` is not a dict of tensors.
+        ValueError: if ``buffers`` names something that is not a buffer of ``model``.
+
+    Examples:
+        >>> import torch
+        >>> import samfunc
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.2),
+        ...     torch.nn.Linear(8, 3),
+        ... )
+        >>> batch = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+        >>> loss_fn, params = samfunc.module_sharpness_loss(
+        ...     model, torch.nn.functional.cross_entropy
+        ... )
+        >>> worst = samfunc.worst_case_loss(loss_fn, params, batch, rho=0.05)
+        >>> bool(worst.sharpness >= 0), model.training, int(model[1].num_batches_tracked)
+        (True, True, 0)
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(criterion):
+        raise TypeError(f"criterion must be callable, got {type(criterion).__name__}")
+    if train is not None and not isinstance(train, bool):
+        raise TypeError(f"train must be True, False or None, got {train!r}")
+    chosen = _checked_buffers(model, buffers)
+
+    def loss_fn(params: Tensors, batch: Any) -> torch.Tensor:
+        # Every buffer goes in (the given ones over the model's): module_loss copies them all
+        # before the forward pass, so no buffer of the model is ever written.
+        now = {n: b.detach() for n, b in model.named_buffers()}
+        now.update(chosen or {})
+        with _in_mode(model, train):
+            loss, _ = module_loss(model, criterion, now)(params, batch)
+        return loss
+
+    return loss_fn, module_params(model)

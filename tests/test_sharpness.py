@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from copy import deepcopy
 from typing import Any
 
 import pytest
@@ -251,3 +252,222 @@ def test_bad_arguments_name_themselves() -> None:
         samfunc.hessian_trace(quadratic, params, a, samples=0)
     with pytest.raises(ValueError, match="vector must have the same tree structure as params"):
         samfunc.hessian_vector_product(quadratic, params, a, {"v": torch.ones(2)})
+
+
+# --- module_sharpness_loss: a model with BatchNorm and Dropout, against functional_call by hand ---
+
+F = torch.nn.functional
+
+
+def _bn_dropout_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(8, 6),
+        torch.nn.BatchNorm1d(6, momentum=None),  # a cumulative average: num_batches_tracked counts
+        torch.nn.Tanh(),
+        torch.nn.Linear(6, 3),
+    ).double()
+    with torch.no_grad():  # running statistics far from their start, as after training
+        for _ in range(3):
+            model(torch.randn(8, 5, dtype=DTYPE) * 2 + 1)
+    return model
+
+
+_BN_DROPOUT_MLP = _bn_dropout_mlp()
+
+
+def bn_dropout_mlp() -> torch.nn.Module:
+    """A small MLP with BatchNorm and Dropout (float64, training mode, running stats moved)."""
+    return deepcopy(_BN_DROPOUT_MLP).train()
+
+
+def inputs_batch(seed: int, size: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, 5, generator=generator, dtype=DTYPE)
+    return x, torch.randint(0, 3, (size,), generator=generator)
+
+
+def snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    """Every parameter and buffer (num_batches_tracked too), copied, and every module's mode."""
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return state, [module.training for module in model.modules()]
+
+
+def assert_unchanged(model: torch.nn.Module, before: Any) -> None:
+    state, modes = snapshot(model)
+    assert modes == before[1]
+    assert state.keys() == before[0].keys()
+    for name, value in state.items():
+        assert torch.equal(value, before[0][name]), name
+
+
+def hand_written_loss(model: torch.nn.Module, train: bool = False) -> Any:
+    """The reference: functional_call on a copy of the model, put in its mode by hand."""
+    copy = deepcopy(model).train(train)
+
+    def loss_fn(params: Any, batch: Any) -> torch.Tensor:
+        x, y = batch
+        buffers = {name: b.clone() for name, b in copy.named_buffers()}
+        return F.cross_entropy(torch.func.functional_call(copy, (params, buffers), (x,)), y)
+
+    return loss_fn
+
+
+def own_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.filterwarnings("ignore:top_hessian_eigenvalue did not converge:RuntimeWarning")
+def test_module_entry_gives_every_tool_the_hand_written_eval_mode_numbers() -> None:
+    model = bn_dropout_mlp().train()
+    before = snapshot(model)
+    batch = inputs_batch(1)
+    loss_fn, params = samfunc.module_sharpness_loss(model, F.cross_entropy)
+    reference, ref_params = hand_written_loss(model), own_params(model)
+    assert params.keys() == ref_params.keys()
+
+    def both(tool: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return tool(loss_fn, params, batch, *args, **kwargs), tool(
+            reference, ref_params, batch, *args, **kwargs
+        )
+
+    torch.testing.assert_close(loss_fn(params, batch), reference(ref_params, batch))
+    torch.testing.assert_close(*both(samfunc.worst_case_loss, 0.1, steps=2))
+    torch.testing.assert_close(*both(samfunc.top_hessian_eigenvalue, iters=3))
+    torch.testing.assert_close(*both(samfunc.hessian_trace, samples=2))
+    direction = samfunc.random_direction(params, seed=3)
+    torch.testing.assert_close(*both(samfunc.hessian_vector_product, direction))
+    alphas = [-0.5, 0.5]
+    torch.testing.assert_close(*both(samfunc.loss_landscape_1d, direction, alphas))
+    second = samfunc.random_direction(params, seed=4)
+    torch.testing.assert_close(
+        *both(samfunc.loss_landscape_2d, (direction, second), alphas, alphas)
+    )
+    # Eval mode: dropout is off, so the numbers repeat.
+    assert torch.equal(loss_fn(params, batch), loss_fn(params, batch))
+    assert_unchanged(model, before)
+    assert model.training
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    size=st.integers(2, 12),
+    rho=st.floats(0.0, 0.5),
+    modes=st.lists(st.booleans(), min_size=8, max_size=8),
+)
+def test_module_entry_matches_the_reference_and_leaves_the_model_as_it_was(
+    seed: int, size: int, rho: float, modes: list[bool]
+) -> None:
+    model = bn_dropout_mlp()
+    for module, mode in zip(model, modes):  # any mix of train and eval submodules
+        module.training = mode
+    before = snapshot(model)
+    batch = inputs_batch(seed, size)
+    loss_fn, params = samfunc.module_sharpness_loss(model, F.cross_entropy)
+    got = samfunc.worst_case_loss(loss_fn, params, batch, rho)
+    expected = samfunc.worst_case_loss(hand_written_loss(model), own_params(model), batch, rho)
+    torch.testing.assert_close(got, expected)
+    assert_unchanged(model, before)
+
+
+def test_train_mode_uses_batch_statistics_and_dropout_and_still_changes_nothing() -> None:
+    model = bn_dropout_mlp().eval()
+    before = snapshot(model)
+    batch = inputs_batch(2)
+    loss_fn, params = samfunc.module_sharpness_loss(model, F.cross_entropy, train=True)
+    reference = hand_written_loss(model, train=True)
+    torch.manual_seed(5)
+    got = loss_fn(params, batch)
+    torch.manual_seed(5)
+    torch.testing.assert_close(got, reference(own_params(model), batch))
+    eval_loss, _ = samfunc.module_sharpness_loss(model, F.cross_entropy)
+    assert not torch.allclose(got, eval_loss(params, batch))  # batch statistics, not running
+    assert not torch.equal(loss_fn(params, batch), loss_fn(params, batch))  # dropout is on
+    # BatchNorm in training mode writes running statistics, here into copies only,
+    # also under the tools' function transforms (grad, and jvp of grad).
+    samfunc.worst_case_loss(loss_fn, params, batch, 0.1)
+    samfunc.hessian_trace(loss_fn, params, batch, samples=2)
+    samfunc.loss_landscape_1d(loss_fn, params, batch, params, [0.0, 0.1])
+    assert_unchanged(model, before)
+    assert not model.training
+
+
+def test_train_none_keeps_each_submodules_mode() -> None:
+    model = bn_dropout_mlp().train()
+    model[1].eval()  # BatchNorm frozen during fine-tuning; Dropout still on
+    model[3].p = 0.0  # no randomness, to compare numbers
+    before = snapshot(model)
+    batch = inputs_batch(3)
+    loss_fn, params = samfunc.module_sharpness_loss(model, F.cross_entropy, train=None)
+    reference = deepcopy(model)
+    expected = F.cross_entropy(reference(batch[0]), batch[1])
+    torch.testing.assert_close(loss_fn(params, batch), expected)
+    reference_buffers = dict(reference.named_buffers())
+    assert not torch.equal(reference_buffers["5.running_mean"], model[5].running_mean)
+    assert torch.equal(reference_buffers["1.running_mean"], model[1].running_mean)
+    assert_unchanged(model, before)
+
+
+def test_the_mode_is_restored_when_the_forward_pass_raises() -> None:
+    model = bn_dropout_mlp().train()
+    model[5].eval()
+    before = snapshot(model)
+
+    def failing(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        assert not any(m.training for m in model.modules())  # measured in eval mode
+        raise RuntimeError("criterion failed")
+
+    loss_fn, params = samfunc.module_sharpness_loss(model, failing)
+    with pytest.raises(RuntimeError, match="criterion failed"):
+        samfunc.hessian_trace(loss_fn, params, inputs_batch(0), samples=1)
+    assert_unchanged(model, before)
+    loss_fn, params = samfunc.module_sharpness_loss(model, F.cross_entropy, train=True)
+    with pytest.raises(RuntimeError):  # a wrong input shape fails inside the model
+        loss_fn(params, (torch.randn(4, 2, dtype=DTYPE), torch.zeros(4, dtype=torch.long)))
+    assert_unchanged(model, before)
+
+
+def test_buffers_from_a_train_state_replace_the_models() -> None:
+    model = bn_dropout_mlp()
+    trained = deepcopy(model)
+    with torch.no_grad():
+        trained(torch.randn(8, 5, dtype=DTYPE) * 3 - 2)  # other running statistics
+    buffers = samfunc.module_buffers(trained)
+    before = snapshot(model)
+    batch = inputs_batch(4)
+    loss_fn, params = samfunc.module_sharpness_loss(model, F.cross_entropy, buffers)
+    torch.testing.assert_close(loss_fn(params, batch), hand_written_loss(trained)(params, batch))
+    # A buffer left out is the model's own.
+    partial = {k: v for k, v in buffers.items() if k.startswith("1.")}
+    loss_fn, _ = samfunc.module_sharpness_loss(model, F.cross_entropy, partial, train=True)
+    samfunc.hessian_trace(loss_fn, params, batch, samples=1)
+    assert_unchanged(model, before)
+    assert all(torch.equal(b, buffers[k]) for k, b in samfunc.module_buffers(trained).items())
+
+
+def test_module_entry_bad_arguments_name_themselves() -> None:
+    model = bn_dropout_mlp()
+    entry = samfunc.module_sharpness_loss
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got list"):
+        entry([model], F.cross_entropy)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="criterion must be callable, got str"):
+        entry(model, "cross_entropy")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="train must be True, False or None, got 'eval'"):
+        entry(model, F.cross_entropy, train="eval")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="train must be True, False or None, got 1"):
+        entry(model, F.cross_entropy, train=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"buffers must be a dict of tensors .* got list"):
+        entry(model, F.cross_entropy, [])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"buffers has 'bn\.running_mean', which is not a buffer"):
+        entry(model, F.cross_entropy, {"bn.running_mean": torch.zeros(3)})
+    with pytest.raises(
+        TypeError, match=r"buffers\['1\.running_mean'\] must be a tensor, got float"
+    ):
+        entry(model, F.cross_entropy, {"1.running_mean": 0.0})  # type: ignore[dict-item]
+    loss_fn, params = entry(model, F.cross_entropy)
+    with pytest.raises(ValueError, match="batch must be an \\(inputs, targets\\) pair, got Tensor"):
+        loss_fn(params, torch.randn(4, 5, dtype=DTYPE))

@@ -11,7 +11,9 @@ from torch import nn
 import samfunc
 
 from .data import Dataset
-from .train import RunResult, eval_loss_fn
+from .train import RunResult
+
+F = nn.functional
 
 
 def new_figure(**figure_kwargs: Any) -> Any:
@@ -60,17 +62,13 @@ def landscapes(
     surfaces, lines = {}, {}
     for name, (model, result) in models.items():
         state = result.state
-        model.eval()
-        try:
-            loss_fn = eval_loss_fn(model, state)
-            d1 = samfunc.random_direction(state.params, seed=1)
-            d2 = samfunc.random_direction(state.params, seed=2)
-            lines[name] = samfunc.loss_landscape_1d(loss_fn, state.params, batch, d1, alphas)
-            surfaces[name] = samfunc.loss_landscape_2d(
-                loss_fn, state.params, batch, (d1, d2), alphas, alphas
-            )
-        finally:
-            model.train()
+        loss_fn, _ = samfunc.module_sharpness_loss(model, F.cross_entropy, state.buffers)
+        d1 = samfunc.random_direction(state.params, seed=1)
+        d2 = samfunc.random_direction(state.params, seed=2)
+        lines[name] = samfunc.loss_landscape_1d(loss_fn, state.params, batch, d1, alphas)
+        surfaces[name] = samfunc.loss_landscape_2d(
+            loss_fn, state.params, batch, (d1, d2), alphas, alphas
+        )
     fig = new_figure(figsize=(5 * (1 + len(surfaces)), 4.2))
     axes = fig.subplots(1, 1 + len(surfaces))
     for name, line in lines.items():

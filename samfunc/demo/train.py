@@ -188,33 +188,14 @@ def accuracy(
     return (predict(model, state, x).argmax(1) == y).float().mean().item()
 
 
-def eval_loss_fn(model: nn.Module, state: samfunc.TrainState) -> Callable[[Any, Any], torch.Tensor]:
-    """The training loss as a function of the weights alone (eval-mode BatchNorm)."""
-
-    def loss_fn(params: Any, batch: Any) -> torch.Tensor:
-        x, y = batch
-        out = torch.func.functional_call(model, (params, state.buffers), (x,))
-        return F.cross_entropy(out, y)
-
-    return loss_fn
-
-
 def top_eigenvalue(
     model: nn.Module, state: samfunc.TrainState, data: Dataset, iters: int = 200
 ) -> float:
     """Top Hessian eigenvalue of the training loss at the trained weights (eval mode)."""
-    was_training = model.training
-    model.eval()
-    try:
-        value, _ = samfunc.top_hessian_eigenvalue(
-            eval_loss_fn(model, state),
-            state.params,
-            (data.x_train, data.y_train),
-            iters=iters,
-            tol=1e-2,
-        )
-    finally:
-        model.train(was_training)
+    loss_fn, _ = samfunc.module_sharpness_loss(model, F.cross_entropy, state.buffers)
+    value, _ = samfunc.top_hessian_eigenvalue(
+        loss_fn, state.params, (data.x_train, data.y_train), iters=iters, tol=1e-2
+    )
     return float(value)
 
 
