@@ -13,6 +13,7 @@ import samfunc
 from samfunc import _tree
 
 from .helpers import assert_trees_close, assert_trees_equal, clone_tree, max_abs_diff
+from .seed_reference import SeedSAM
 
 DTYPE = torch.float64
 
@@ -394,3 +395,86 @@ def test_bad_inputs_name_the_argument() -> None:
         samfunc.perturbation(PARAMS, {"v": torch.ones(3)})
     with pytest.raises(ValueError, match="mask selects no leaf of params"):
         samfunc.sam_grad(quadratic, PARAMS, None, mask=lambda path, _: "norm" in path)
+
+
+# --- two ways to leave parameters out of the perturbation (issue 25, item 2) ------------------
+
+
+def _excluded(name: str) -> bool:
+    """Biases and the LayerNorm's parameters: what one usually leaves unperturbed."""
+    return name.endswith("bias") or name.startswith("1.")
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+
+
+def _train(model: torch.nn.Module, opt: Any, steps: int = 5) -> list[float]:
+    """``steps`` SAM steps on fixed batches; returns ||e|| over the perturbed leaves of each."""
+    norms = []
+    for t in range(steps):
+        x, y = make_batch(16, 5, 3, seed=t)
+        loss_fn = torch.nn.functional.cross_entropy
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        moved = {k: p.detach() - before[k] for k, p in model.named_parameters()}
+        norms.append(float(torch.sqrt(sum((v**2).sum() for k, v in moved.items()))))
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    return norms
+
+
+def test_a_group_with_rho_zero_equals_the_seed_and_keeps_its_gradients_in_the_norm() -> None:
+    """The seed's way: the excluded group's rho is 0, but its gradients stay in ||g||."""
+    ours, seeds = _model(), _model()
+
+    def groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+        named = list(model.named_parameters())
+        return [
+            {"params": [p for k, p in named if not _excluded(k)]},
+            {"params": [p for k, p in named if _excluded(k)], "rho": 0.0},
+        ]
+
+    sgd = {"lr": 0.1, "momentum": 0.9}
+    norms = _train(ours, samfunc.SAM(groups(ours), torch.optim.SGD, rho=0.1, **sgd))
+    _train(seeds, SeedSAM(groups(seeds), torch.optim.SGD, rho=0.1, **sgd))
+    assert_trees_close(
+        dict(ours.named_parameters()), dict(seeds.named_parameters()), atol=1e-14, rtol=1e-12
+    )
+    assert all(n < 0.1 - 1e-6 for n in norms)  # the excluded gradients shrink e: ||e|| < rho
+
+
+def test_a_mask_by_name_equals_sam_over_the_selected_leaves_alone() -> None:
+    """The functional way (SAM-ON's): ||e|| = rho over the perturbed leaves alone."""
+    model, reference = _model(), _model()
+    method = samfunc.sam(0.1, mask=lambda path, _: not _excluded(path))
+    opt = samfunc.SAM(
+        model.named_parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, method=method
+    )
+    norms = _train(model, opt)
+    torch_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for t in range(5):  # the same steps, written out
+        x, y = make_batch(16, 5, 3, seed=t)
+        named = dict(reference.named_parameters())
+        grads = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(reference(x), y), list(named.values())
+        )
+        chosen = {k: g for (k, _), g in zip(named.items(), grads) if not _excluded(k)}
+        norm = torch.sqrt(sum((g**2).sum() for g in chosen.values()))
+        with torch.no_grad():
+            for k, g in chosen.items():
+                named[k].add_(0.1 * g / (norm + 1e-12))
+        torch_opt.zero_grad()
+        torch.nn.functional.cross_entropy(reference(x), y).backward()
+        with torch.no_grad():
+            for k, g in chosen.items():
+                named[k].sub_(0.1 * g / (norm + 1e-12))
+        torch_opt.step()
+    assert_trees_close(
+        dict(model.named_parameters()), dict(reference.named_parameters()), atol=1e-12, rtol=1e-10
+    )
+    assert norms == pytest.approx([0.1] * 5, rel=1e-9)
