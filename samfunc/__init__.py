@@ -105,6 +105,7 @@ from ._step import make_module_train_step as make_module_train_step
 from ._step import make_train_step as make_train_step
 from ._transform import DecoupledWeightDecayState as DecoupledWeightDecayState
 from ._transform import ScaleByAdamState as ScaleByAdamState
+from ._transform import ScaleByLearningRateState as ScaleByLearningRateState
 from ._transform import ScaleByScheduleState as ScaleByScheduleState
 from ._transform import TraceState as TraceState
 from ._transform import add_decayed_weights as add_decayed_weights
@@ -150,6 +151,7 @@ _serialization.register_safe_globals(
         MaskedState,
         ApplyIfFiniteState,
         ScaleByScheduleState,
+        ScaleByLearningRateState,
         TraceState,
         ScaleByAdamState,
         DecoupledWeightDecayState,
@@ -273,6 +275,7 @@ __all__ = [
     "MaskedState",
     "ScaleByAdamState",
     "ScaleByScheduleState",
+    "ScaleByLearningRateState",
     "Schedule",
     "TraceState",
     "TransformInitFn",

@@ -51,7 +51,7 @@ from ._module import ModuleAux, has_tied_tensors, mean_over_parts, module_loss, 
 from ._options import RunOptions, run_options
 from ._passes import FirstPass
 from ._phases import init_state, is_whole, pieces_of
-from ._transform import init_count
+from ._transform import ScaleByLearningRateState, init_count
 from ._tree import PyTree
 from ._update import apply_updates
 from ._validate import check_bool
@@ -152,6 +152,10 @@ class StepMetrics(NamedTuple):
             overflows: elements beyond ~1e19; with ``loss_scale``, element by
             element, as ``torch.amp.GradScaler``). With ``nonfinite="skip"`` the
             step was then skipped: the state came back unchanged.
+        learning_rate: the learning rate of the last update applied (this
+            step's, unless it was skipped), from the optimizer's
+            ``scale_by_learning_rate`` (samfunc's ``sgd``, ``adam``, ``adamw``);
+            NaN for an optimizer without one.
     """
 
     loss: torch.Tensor
@@ -159,6 +163,7 @@ class StepMetrics(NamedTuple):
     rho: torch.Tensor
     output: Any = None
     finite: Any = None
+    learning_rate: Any = None
 
 
 def init_train_state(
@@ -212,6 +217,22 @@ def _radius_in(method_state: Any, device: torch.device) -> torch.Tensor:
     ]
     if found:
         return found[0].radius
+    return torch.full((), float("nan"), dtype=torch.float32, device=device)
+
+
+def _learning_rate_in(opt_state: Any, device: torch.device) -> torch.Tensor:
+    """The learning rate the optimizer's ``scale_by_learning_rate`` recorded, else NaN.
+
+    An optimizer's state is tuples (``chain``, ``masked``) around NamedTuples:
+    only those are searched, never the trees of tensors they hold.
+    """
+    pending = [opt_state]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ScaleByLearningRateState):
+            return node.learning_rate
+        if isinstance(node, tuple):
+            pending.extend(reversed(node))
     return torch.full((), float("nan"), dtype=torch.float32, device=device)
 
 
@@ -468,7 +489,8 @@ def make_train_step(
         gradient = _gradient(loss_fn, state, batch, settings, False, kind)
         new = _update(optimizer, settings, state, gradient, state.buffers)
         rho = _radius_in(gradient.method_state, new.state.step.device)
-        metrics = StepMetrics(gradient.value, new.grad_norm, rho, finite=new.finite)
+        lr = _learning_rate_in(new.state.opt_state, new.state.step.device)
+        metrics = StepMetrics(gradient.value, new.grad_norm, rho, None, new.finite, lr)
         return new.state, metrics
 
     def first(state: TrainState, batch: Any) -> FirstPass:
@@ -528,7 +550,8 @@ def make_module_train_step(
         aux = _merge_parts(aux, parts)
         new = _update(optimizer, settings, state, gradient, aux.buffers)
         rho = _radius_in(gradient.method_state, new.state.step.device)
-        metrics = StepMetrics(loss, new.grad_norm, rho, aux.output, new.finite)
+        lr = _learning_rate_in(new.state.opt_state, new.state.step.device)
+        metrics = StepMetrics(loss, new.grad_norm, rho, aux.output, new.finite, lr)
         return new.state, metrics
 
     def first(state: TrainState, batch: Any) -> FirstPass:

@@ -49,6 +49,7 @@ __all__ = [
     "scale",
     "scale_by_schedule",
     "scale_by_learning_rate",
+    "ScaleByLearningRateState",
     "trace",
     "scale_by_adam",
     "add_decayed_weights",
@@ -174,27 +175,66 @@ def _scale_by_schedule_update(
     return _tree.scale(updates, step_size), ScaleByScheduleState(step=state.step + 1)
 
 
+class ScaleByLearningRateState(NamedTuple):
+    """State of ``scale_by_learning_rate``.
+
+    Attributes:
+        step: the number of updates done so far (a schedule's argument).
+        learning_rate: the learning rate of the last update (float32; 0
+            before the first), which the train steps report in ``StepMetrics``.
+    """
+
+    step: torch.Tensor
+    learning_rate: torch.Tensor
+
+
 def scale_by_learning_rate(
     learning_rate: ScalarOrSchedule, *, flip_sign: bool = True
 ) -> GradientTransformation:
     """Multiplies updates by ``-learning_rate`` (a float or a schedule of the count).
 
+    The state keeps the learning rate each update used
+    (``ScaleByLearningRateState``), so a train step reports it.
+
     Examples:
         >>> import torch
         >>> t = scale_by_learning_rate(0.1)
-        >>> t.update([torch.ones(1)], t.init([torch.ones(1)]))[0]
-        [tensor([-0.1000])]
+        >>> updates, state = t.update([torch.ones(1)], t.init([torch.ones(1)]))
+        >>> updates, state.learning_rate
+        ([tensor([-0.1000])], tensor(0.1000))
     """
     sign = -1.0 if check_bool("flip_sign", flip_sign) else 1.0
     if callable(learning_rate):
         schedule = check_schedule_nonnegative("learning_rate", learning_rate)
-        return scale_by_schedule(functools.partial(_signed_schedule, sign=sign, schedule=schedule))
-    return scale(sign * check_nonnegative("learning_rate", learning_rate))
+        update = functools.partial(_learning_rate_update, sign=sign, schedule=schedule)
+    else:
+        rate = check_nonnegative("learning_rate", learning_rate)
+        update = functools.partial(_learning_rate_update, sign=sign, constant=rate)
+    return GradientTransformation(_learning_rate_init, update)
 
 
-def _signed_schedule(count: torch.Tensor, *, sign: float, schedule: Schedule) -> torch.Tensor:
-    """``sign * schedule(count)``: the learning rate with the descent's sign."""
-    return sign * schedule(count)
+def _learning_rate_init(params: Params) -> ScaleByLearningRateState:
+    """The ``init`` of ``scale_by_learning_rate``: a zero count, no learning rate yet (0)."""
+    step = init_count(params)
+    return ScaleByLearningRateState(step, torch.zeros((), device=step.device))
+
+
+def _learning_rate_update(
+    updates: Updates,
+    state: OptState,
+    params: Optional[Params] = None,
+    *,
+    sign: float,
+    schedule: Optional[Schedule] = None,
+    constant: Optional[float] = None,
+) -> tuple[Updates, OptState]:
+    """The ``update`` of ``scale_by_learning_rate``."""
+    del params
+    check_state("scale_by_learning_rate", state, ScaleByLearningRateState)
+    rate = constant if schedule is None else schedule(state.step)
+    assert rate is not None
+    shown = (torch.ones_like(state.learning_rate) * rate).to(state.learning_rate.dtype)
+    return _tree.scale(updates, sign * rate), ScaleByLearningRateState(state.step + 1, shown)
 
 
 def trace(

@@ -265,6 +265,7 @@ def test_the_states_of_these_modules_are_on_torchs_allow_list() -> None:
     for state_type in (
         samfunc.EmptyState,
         samfunc.ScaleByScheduleState,
+        samfunc.ScaleByLearningRateState,
         samfunc.TraceState,
         samfunc.ScaleByAdamState,
         samfunc.DecoupledWeightDecayState,

@@ -58,6 +58,33 @@ def test_rho_schedule_is_evaluated_at_the_step_count() -> None:
     assert seen == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
 
 
+@pytest.mark.parametrize("module", [False, True], ids=["make_train_step", "make_module_train_step"])
+def test_metrics_report_the_learning_rate_and_rho_of_each_step(module: bool) -> None:
+    """Both schedules read the clock; a skipped step shows the last applied update's values."""
+    lr = samfunc.linear_schedule(0.1, 0.0, transition_steps=10)
+    rho = samfunc.linear_schedule(0.0, 0.4, transition_steps=4)
+    opt = samfunc.sgd(lr, momentum=0.9)
+    model = torch.nn.Linear(2, 1)
+    if module:
+        step = samfunc.make_module_train_step(model, torch.nn.functional.mse_loss, opt, rho=rho)
+        state = samfunc.init_train_state(model, opt)
+        batch = (torch.ones(4, 2), torch.zeros(4, 1))
+        bad = (torch.full((4, 2), float("nan")), torch.zeros(4, 1))
+    else:
+        step = samfunc.make_train_step(lambda p, b: (p["w"] ** 2 * b).sum(), opt, rho=rho)
+        state = samfunc.init_train_state({"w": torch.tensor([1.0, -2.0])}, opt)
+        batch, bad = torch.ones(2), torch.full((2,), float("nan"))
+    seen = []
+    for t in range(6):
+        state, metrics = step(state, bad if t == 3 else batch)
+        seen.append((metrics.learning_rate.item(), metrics.rho.item(), bool(metrics.finite)))
+    assert [s[0] for s in seen] == pytest.approx([0.1, 0.09, 0.08, 0.08, 0.07, 0.06])
+    assert [s[1] for s in seen][:3] == pytest.approx([0.0, 0.1, 0.2])
+    assert [s[1] for s in seen][4:] == pytest.approx([0.3, 0.4])
+    assert [s[2] for s in seen] == [True, True, True, False, True, True]
+    assert int(state.step) == 5
+
+
 def test_metrics_report_the_loss_at_w_and_the_norm_of_the_sam_gradient() -> None:
     params = {"w": torch.tensor([3.0, 4.0], dtype=torch.float64)}
 
