@@ -270,6 +270,8 @@ class _ScaleByRadius:
         check_state("scale_by_radius", state, ScaleByRadiusState)
         if self.schedule is None:
             assert self.constant is not None
+            if isinstance(self.constant, torch.Tensor):  # it may have changed in place
+                return guard_radius(self.constant)
             return self.constant
         value = self.schedule(state.step if count is None else count)
         if not isinstance(value, torch.Tensor):  # a user's schedule may return a float

@@ -105,12 +105,14 @@ def check_positive_int(name: str, value: Any) -> int:
 def check_rho(value: Any, name: str = "rho") -> float | torch.Tensor:
     """Checks a perturbation radius: a finite float >= 0 or a floating 0-d tensor.
 
-    A tensor on the CPU, in eager mode, is read and checked like a float (free:
-    no device to wait for). Elsewhere (another device, or inside
-    ``torch.compile``) reading it would synchronize or break the graph, so a
-    negative or non-finite value is turned into NaN instead: the step's
-    gradient becomes NaN and the non-finite policy (``nonfinite=``) catches it,
-    rather than a negative radius silently descending.
+    A tensor is read and checked like a float where the method is built, on
+    any device (one read, when built, never per step), so the same rho is
+    refused on the CPU and on a GPU, before a step is compiled. Only a method
+    built inside a function that ``torch.compile`` traces cannot read it: there
+    a negative or non-finite value becomes NaN instead (the step's gradient is
+    NaN and the non-finite policy, ``nonfinite=``, catches it), as it does at
+    every step for a tensor changed in place later, rather than a negative
+    radius silently descending.
 
     Examples:
         >>> check_rho(0.05)
@@ -122,10 +124,9 @@ def check_rho(value: Any, name: str = "rho") -> float | torch.Tensor:
                 f"{name} must be a float or a floating-point 0-d tensor, "
                 f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
             )
-        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
             check_nonnegative(name, float(value.detach()))
-            return value
-        return guard_radius(value)
+        return value  # scale_by_radius guards it (guard_radius) at every step
     return check_nonnegative(name, value)
 
 

@@ -94,6 +94,24 @@ def test_a_bad_tensor_rho_raises_in_eager_mode(rho: torch.Tensor) -> None:
         samfunc.sam_grad_and_value(quadratic)(make_params(), torch.ones(3), rho)
 
 
+def test_a_tensor_rho_is_checked_when_built_and_guarded_at_every_step() -> None:
+    """Refused when the step is built (before any compile); NaN if changed in place later."""
+    opt = samfunc.sgd(0.1)
+    with pytest.raises(ValueError, match="rho must be >= 0"):
+        samfunc.make_train_step(quadratic, opt, rho=torch.tensor(-0.5))
+    with pytest.raises(ValueError, match="rho must be >= 0"):
+        samfunc.sam(rho=torch.tensor(-0.5))
+    rho = torch.tensor(0.05)
+    method = samfunc.sam(rho=rho)
+    params = make_params()
+    assert torch.isfinite(
+        method.grad(quadratic, params, torch.ones(3), method.init(params))[0]["w"]
+    ).all()
+    rho.fill_(-0.5)  # a schedule of one's own that went wrong
+    grads = method.grad(quadratic, params, torch.ones(3), method.init(params))[0]
+    assert all(g.isnan().all() for g in grads.values())
+
+
 def test_guard_turns_a_bad_radius_into_nan_so_it_cannot_descend() -> None:
     """What a compiled step or a device tensor gets instead of a device sync."""
     from samfunc._validate import guard_radius
