@@ -11,7 +11,16 @@ The conventions a page follows (``docs/`` and the README):
 - A ``python`` block whose first line is ``# name.py`` is a script: it is saved as ``name.py`` and
   run by the page's ``bash`` blocks (``torchrun ... name.py``), never in the namespace.
 - Each line of a ``bash`` block is a command that is run or checked (see ``tests/test_docs.py``).
+- ``<!-- raises: TypeError -->`` on the line before a ``python`` block: the block must raise that
+  exception (its class name, exactly), and the ``text`` block right after it holds the message as
+  Python prints a traceback's last line, ``TypeError: ...``. The test compares the two word for
+  word; the one normalisation is that every run of whitespace (line breaks included) counts as one
+  space, so a long message may be wrapped. An error message quoted anywhere else in prose is
+  refused by ``tests/test_docs_claims.py``.
 - Blocks in other languages (``text``, ``diff``) are not code to run.
+
+Measured numbers in prose follow a convention of their own (``<!-- cost: ... -->`` and
+``<!-- result: ... -->``): see ``tests/test_docs_claims.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ FENCE = re.compile(
     r"^(?P<indent> *)```(?P<language>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```$", re.M | re.S
 )
 SETUP = re.compile(r"^<!-- test-setup\n(?P<body>.*?)^-->$", re.M | re.S)
-REQUIRES = re.compile(r"<!-- test-requires: (?P<modules>[\w., ]+) -->\n$")
+REQUIRES = re.compile(r"<!-- test-requires: (?P<modules>[\w., ]+) -->\n")
+RAISES = re.compile(r"<!-- raises: (?P<error>\w+) -->\n")
+MARKERS = re.compile(r"(?:<!-- [\w-]+: [^\n]*-->\n)+$")
 SCRIPT = re.compile(r"# (?P<name>[\w.-]+\.py)\n")
 
 
@@ -42,6 +53,8 @@ class Block:
     line: int
     requires: tuple[str, ...] = ()
     script: str | None = None
+    raises: str | None = None
+    message: str | None = None
 
 
 @dataclass
@@ -60,6 +73,11 @@ class Page:
     def python(self) -> list[Block]:
         """The blocks that run in the page's namespace (setup included, scripts excluded)."""
         return [b for b in self.blocks if b.language == "python" and b.script is None]
+
+    @property
+    def raising(self) -> list[Block]:
+        """The ``<!-- raises: ... -->`` blocks, each with the message the page quotes."""
+        return [b for b in self.blocks if b.raises is not None]
 
     @property
     def scripts(self) -> dict[str, Block]:
@@ -89,23 +107,33 @@ def read_page(path: Path) -> Page:
     text = path.read_text()
     page = Page(path)
     found: list[tuple[int, Block]] = []
+    after_raising: int | None = None  # where the last raises block ended
     for match in FENCE.finditer(text):
         body = match["body"]
         indent = len(match["indent"])
         code = "\n".join(line[indent:] for line in body.splitlines()) + "\n"
-        requires_match = REQUIRES.search(text, 0, match.start())
+        markers = MARKERS.search(text, 0, match.start())
+        above = markers.group() if markers and markers.end() == match.start() else ""
+        requires_match, raises_match = REQUIRES.search(above), RAISES.search(above)
         requires: tuple[str, ...] = ()
-        if requires_match and requires_match.end() == match.start():
+        if requires_match:
             requires = tuple(m.strip() for m in requires_match["modules"].split(","))
         script = SCRIPT.match(code)
         language = match["language"] or "text"
+        between = text[after_raising : match.start()] if after_raising is not None else "x"
+        if language == "text" and not between.strip():
+            found[-1][1].message = code
+        after_raising = None
         block = Block(
             language,
             code,
             _line_of(text, match.start("body")),
             requires,
             script["name"] if script and language == "python" else None,
+            raises_match["error"] if raises_match and language == "python" else None,
         )
+        if block.raises is not None:
+            after_raising = match.end()
         found.append((match.start(), block))
     for match in SETUP.finditer(text):
         found.append(

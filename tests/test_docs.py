@@ -1,8 +1,10 @@
 """Every code snippet of the documentation runs, so the docs cannot drift from the code.
 
 Pages and their conventions: ``tests/docs_snippets.py``. Python blocks run page by page in a
-fresh interpreter. Shell commands are run where they can be (``torchrun`` of a page's script, on 2
-processes on 127.0.0.1) and otherwise checked: a ``pip install`` names extras that exist, a
+fresh interpreter; a block marked ``<!-- raises: NAME -->`` must raise the message the page quotes
+in the ``text`` block after it (compared word for word, whitespace runs as one space). Shell
+commands are run where they can be (``torchrun`` of a page's script, on 2 processes on 127.0.0.1)
+and otherwise checked: a ``pip install`` names extras that exist, a
 ``python -m`` command parses with that program's own argument parser, paths exist. A command no rule
 knows fails the test.
 
@@ -37,13 +39,28 @@ import importlib.util, json, sys
 
 page, blocks = json.load(open(sys.argv[1]))
 namespace = {"__name__": "__main__"}
-for line, code, requires in blocks:
+for line, code, requires, raises, message in blocks:
     missing = [m for m in requires if importlib.util.find_spec(m) is None]
     if missing:
         print(f"SKIPPED {page}:{line} (needs {', '.join(missing)})", flush=True)
         continue
-    exec(compile("\\n" * (line - 1) + code, page, "exec"), namespace)
-    print(f"RAN {page}:{line}", flush=True)
+    if raises is None:
+        exec(compile("\\n" * (line - 1) + code, page, "exec"), namespace)
+        print(f"RAN {page}:{line}", flush=True)
+        continue
+    try:
+        exec(compile("\\n" * (line - 1) + code, page, "exec"), namespace)
+    except Exception as error:
+        got = " ".join(f"{type(error).__name__}: {error}".split())
+    else:
+        got = "nothing was raised"
+    quoted = " ".join((message or "").split())
+    if message is None:
+        sys.exit(f"{page}:{line}: a raises block needs the message in a text block right after it")
+    if got.split(":")[0] != raises or got != quoted:
+        sys.exit(f"{page}:{line}: <!-- raises: {raises} --> and the page quotes\\n  {quoted}\\n"
+                 f"but the call raised\\n  {got}")
+    print(f"RAN {page}:{line} (raised the quoted message)", flush=True)
 """
 
 
@@ -65,7 +82,7 @@ PYTHON_PAGES = [page for page in PAGES if page.python]
 
 @pytest.mark.parametrize("page", PYTHON_PAGES, ids=lambda p: p.name)
 def test_python_snippets_run_in_page_order(page: Page, tmp_path: Path) -> None:
-    blocks = [(b.line, b.code, list(b.requires)) for b in page.python]
+    blocks = [(b.line, b.code, list(b.requires), b.raises, b.message) for b in page.python]
     (tmp_path / "blocks.json").write_text(json.dumps([page.name, blocks]))
     (tmp_path / "driver.py").write_text(DRIVER)
     done = _run([sys.executable, "driver.py", "blocks.json"], tmp_path)
