@@ -150,7 +150,10 @@ def looksam(
     Args:
         rho: SAM's radius on the full steps.
         k: a full step every ``k`` steps.
-        alpha: how much of ``g_v`` the cheap steps add back.
+        alpha: how much of ``g_v`` the cheap steps add back: a term of
+            length ``alpha ||g||`` whatever ``rho``. The paper's 0.7 sent a
+            small CNN to chance at a large learning rate (0.2) where 0.3 trained
+            it (benchmarks/results/cheap_rho.md): lower it if cheap steps diverge.
         **options: ``samfunc.PerturbationOptions`` of the full steps' ascent.
 
     Examples:
@@ -254,12 +257,15 @@ def momentum_sam(
     samfunc keeps ``w``, so nothing needs moving back before evaluation.
 
     The reported loss is the one at the perturbed point (the only pass).
-    ``rho=0`` is the base optimizer exactly. The paper's radii are large:
-    ``rho=3`` for its CIFAR and ImageNet runs (the class in its code defaults
-    to 0.3).
+    ``rho=0`` is the base optimizer exactly. ``rho`` is a distance in weight
+    space (``||w - point|| = rho`` whatever the momentum, learning rate or
+    gradient), so compare it with ``||w||``: the default, the paper's ``rho=3``
+    for CIFAR and ImageNet ResNets, is ~3% of a WRN-16-8's norm but two thirds
+    of a small CNN's, which it sends to chance (the guide "SAM at the cost of
+    SGD", Choosing rho: a few percent of ``||w||`` trained every model tried).
 
     Args:
-        rho: the radius, along ``-v``.
+        rho: the radius, along ``-v``: a distance in weight space.
         momentum: the momentum of ``v``: the optimizer's.
         weight_decay: as the official code, added to the gradient (at the
             perturbed point) before it enters ``v``; leave the optimizer's
@@ -269,7 +275,10 @@ def momentum_sam(
 
     Examples:
         >>> import samfunc
-        >>> method = samfunc.momentum_sam(rho=3.0, momentum=0.9)
+        >>> import torch
+        >>> model = torch.nn.Linear(64, 10)
+        >>> norm = torch.cat([p.detach().flatten() for p in model.parameters()]).norm()
+        >>> method = samfunc.momentum_sam(rho=0.05 * float(norm), momentum=0.9)
         >>> opt = samfunc.sgd(0.1, momentum=0.9)
     """
     rho = check_nonnegative("rho", rho)
