@@ -686,6 +686,9 @@ class _SamAscent:
         params = _needs_params("sam_ascent", params)
         check_state("sam_ascent", state, SamAscentState)
         built = self._for_params(params)
+        if built.radius_at < 0:  # plain SAM: rho reaches _ToRadius's product directly
+            e, radius = built.ascent.update(updates, state.radius, params, count=count)  # type: ignore[call-arg]
+            return e, SamAscentState((), radius)
         full = self._expand(built, state)
         e, new_full = update_with_count(built.ascent, True, updates, full, params, count)
         return e, self._compact(built, new_full)

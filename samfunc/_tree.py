@@ -72,6 +72,10 @@ class Position(str):
     """
 
 
+#: The tensor types of ordinary leaves (never a DTensor: no torch.distributed import to check).
+_PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
 class DictSpec:
     """The structure of a flat ``dict`` of tensors (the usual parameter tree): its keys.
 
@@ -91,7 +95,11 @@ Spec = Union[pytree.TreeSpec, DictSpec]
 
 
 def _is_flat_dict(tree: Any) -> bool:
-    return type(tree) is dict and all(isinstance(v, torch.Tensor) for v in tree.values())
+    if type(tree) is not dict:
+        return False
+    if set(map(type, tree.values())) <= _PLAIN:  # the usual case, in C
+        return True
+    return all(isinstance(v, torch.Tensor) for v in tree.values())
 
 
 def leaves(tree: PyTree) -> list[Any]:
@@ -471,10 +479,6 @@ def scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
     if not a:
         return tree
     return unflatten(mul_leaves(a, factor), spec)
-
-
-#: Tensor types that are never a DTensor (checked without importing torch.distributed).
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def is_dtensor(leaf: Any) -> bool:
