@@ -251,12 +251,16 @@ class Combiner(NamedTuple):
         reads_first_gradient: whether ``update`` reads ``g`` (False for
             plain SAM's, which returns ``g_s``): ``samfunc.SAM``'s two-step
             API keeps a copy of ``g`` only for a combiner that reads it.
+        state_type: the type ``init`` returns, when known: every driver then
+            checks the method state's ``combine`` part against it, so a state
+            made by another method's ``init`` fails with a clear error.
     """
 
     init: TransformInitFn
     update: CombineUpdateFn
     reuse: Optional[CombineReuseFn] = None
     reads_first_gradient: bool = True
+    state_type: Optional[type] = None
 
 
 class StepPolicy(NamedTuple):

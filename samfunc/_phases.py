@@ -104,7 +104,7 @@ def _first_gradient(
 
 
 #: The combiner of a method with nothing to combine: ``g_s`` on full steps, ``g`` otherwise.
-IDENTITY = Combiner(_no_state, _first_gradient, reads_first_gradient=False)
+IDENTITY = Combiner(_no_state, _first_gradient, reads_first_gradient=False, state_type=EmptyState)
 
 
 def ascent_pieces(name: str, ascent: Any) -> Pieces:
@@ -212,6 +212,14 @@ def checked(pieces: Pieces, loss_fn: LossFn, params: Params, state: Any, run: Ru
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     check_params(params)
     check_state(pieces.name, state, MethodState)
+    expected = pieces.combiner.state_type
+    if expected is not None and pieces.whole is None and not isinstance(state.combine, expected):
+        raise TypeError(
+            f"{pieces.name} got a method state made by another method's init: its combine part "
+            f"is {type(state.combine).__name__}, where {pieces.name} keeps {expected.__name__}. "
+            f"Build it with the same method: {pieces.name}'s init(params), or "
+            "init_train_state(..., method=the same method)"
+        )
     if run.nonfinite == "raise":
         refuse_raise_under_compile()
     if per_sample(pieces) and run.accum_steps > 1:

@@ -402,7 +402,12 @@ def _update(
     params = apply_updates(state.params, updates)
     method_state = gradient.method_state
     step = state.step + 1
-    if settings.nonfinite == "skip":
+    if settings.nonfinite == "skip" and finite.device.type == "cpu" and _tree.fused_ops():
+        # Eager on the CPU the flag costs nothing to read: read it once, keep whole states.
+        if not bool(finite):
+            params, opt_state, buffers = state.params, state.opt_state, state.buffers
+            method_state, step = state.method_state, state.step
+    elif settings.nonfinite == "skip":
         params = _tree.where(finite, params, state.params)
         opt_state = _tree.where(finite, opt_state, state.opt_state)
         buffers = _tree.where(finite, buffers, state.buffers)
@@ -421,9 +426,6 @@ def _kept(finite: torch.Tensor, new: Any, old: Any) -> Any:
     Leaves on another device than ``finite`` (the clock, on the CPU) follow
     it through a copy, never a read on the host.
     """
-    if finite.device.type == "cpu" and _tree.fused_ops():
-        # Eager on the CPU the flag is free to read (as _tree.where): keep one state whole.
-        return new if bool(finite) else old
     new_leaves, spec = _tree.flatten(new)
     old_leaves = _tree.leaves(old)
     if len(new_leaves) != len(old_leaves):

@@ -338,7 +338,10 @@ def test_method_errors_name_what_is_wrong() -> None:
         samfunc.with_policy(samfunc.momentum_sam(), samfunc.every_n_steps(2))
     with pytest.raises(ValueError, match="offset"):
         samfunc.every_n_steps(3, offset=3)
-    with pytest.raises(TypeError, match="looksam's combiner got a state of type EmptyState"):
+    with pytest.raises(
+        TypeError,
+        match="looksam got a method state made by another method's init",
+    ):
         samfunc.looksam().grad(mean_loss, PARAMS, BATCHES[0], samfunc.sam().init(PARAMS))
 
 

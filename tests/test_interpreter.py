@@ -679,6 +679,46 @@ def test_another_methods_state_does_not_load() -> None:
         plain.load_state_dict(looksam.state_dict())
 
 
+@pytest.mark.parametrize(
+    ("built", "given", "kept"),
+    [
+        ("gsam", "looksam", "LookSamState"),
+        ("sam", "momentum_sam", "MomentumSamState"),
+        ("looksam", "gsam", "EmptyState"),
+        ("wsam", "mesa", "MesaState"),
+    ],
+)
+def test_another_methods_state_is_refused_by_every_driver(
+    built: str, given: str, kept: str
+) -> None:
+    """Not silently run (gsam ignored LookSAM's state): the error names both."""
+    make = {
+        "gsam": lambda: samfunc.gsam(0.1),
+        "looksam": lambda: samfunc.looksam(0.1, k=2),
+        "sam": lambda: samfunc.sam(0.1),
+        "momentum_sam": lambda: samfunc.momentum_sam(0.1),
+        "wsam": lambda: samfunc.wsam(0.1),
+        "mesa": lambda: samfunc.mesa(),
+    }
+    params = {"w": torch.ones(3, dtype=DTYPE)}
+    opt = samfunc.sgd(0.1)
+    state = samfunc.init_train_state(params, opt, method=make[given]())
+    step = samfunc.make_train_step(lambda p, b: (p["w"] * b).sum() ** 2, opt, method=make[built]())
+    message = (
+        f"{built} got a method state made by another method's init: its combine part is {kept}"
+    )
+    with pytest.raises(TypeError, match=message):
+        step(state, torch.ones(3, dtype=DTYPE))
+    method = make[built]()
+    with pytest.raises(TypeError, match=message):
+        method.grad(
+            lambda p, b: (p["w"] * b).sum() ** 2,
+            params,
+            torch.ones(3, dtype=DTYPE),
+            state.method_state,
+        )
+
+
 def test_bad_hyperparameters_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\), got 1.5"):
         samfunc.gsam(alpha=1.5)

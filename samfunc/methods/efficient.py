@@ -97,7 +97,7 @@ def orthogonal_reuse(alpha: float, *, eps: float = NORM_EPS) -> Combiner:
         ... )
     """
     built = _OrthogonalReuse(check_nonnegative("alpha", alpha), check_nonnegative("eps", eps))
-    return Combiner(built.init, built.update, built.reuse)
+    return Combiner(built.init, built.update, built.reuse, state_type=LookSamState)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +286,7 @@ def momentum_sam(
     weight_decay = check_nonnegative("weight_decay", weight_decay)
     eps = check_nonnegative("eps", eps)
     built = _MomentumSam(rho, momentum, weight_decay, eps)
-    combiner = Combiner(built.init, built.update, built.reuse)
+    combiner = Combiner(built.init, built.update, built.reuse, state_type=MomentumSamState)
     return method_from(Pieces("momentum_sam", None, combiner, point=built.point))
 
 
@@ -442,7 +442,7 @@ def mesa(
     if outputs is not None and not callable(outputs):
         raise TypeError(f"outputs must be callable, got {type(outputs).__name__}")
     objective = _Mesa(weight, decay, temperature, start_step, outputs or _outputs_of)
-    combiner = Combiner(_teacher_init, _no_second_pass)
+    combiner = Combiner(_teacher_init, _no_second_pass, state_type=MesaState)
     return method_from(Pieces("mesa", None, combiner, objective=objective))
 
 

@@ -240,7 +240,7 @@ def surrogate_gap_decomposition(alpha: float) -> Combiner:
             f"alpha must be in [0, 1), got {alpha}: GSAM subtracts alpha times the part of g "
             "orthogonal to g_s (the paper's alpha is 0.01-0.3 in its ResNet runs, 0.6 for ViT)"
         )
-    return Combiner(_empty_init, _SurrogateGap(alpha).update)
+    return Combiner(_empty_init, _SurrogateGap(alpha).update, state_type=EmptyState)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +378,9 @@ def vasso(rho: Rho = 0.05, theta: float = 0.9, **options: Unpack[PerturbationOpt
 def weighted_sharpness(gamma: float) -> Combiner:
     """WSAM's combiner: ``g + gamma / (1 - gamma) (g_s - g)``."""
     gamma = check_in_interval("gamma", gamma, 0.0, 1.0)
-    return Combiner(_empty_init, _WeightedSharpness(gamma / (1.0 - gamma)).update)
+    return Combiner(
+        _empty_init, _WeightedSharpness(gamma / (1.0 - gamma)).update, state_type=EmptyState
+    )
 
 
 @dataclasses.dataclass(frozen=True)
