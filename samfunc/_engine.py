@@ -90,11 +90,11 @@ def interpret(
     was multiplied by this dynamic loss scale, and every pass's gradient is
     divided by it before any piece sees it.
     """
+    if unscale is not None and is_whole(pieces):
+        raise ValueError(f"{pieces.name} takes its own passes, which a loss scale cannot reach")
     if is_whole(pieces):
         assert pieces.whole is not None
         return call_whole(pieces.whole, loss_fn, params, batch, state, run)
-    if unscale is not None and is_whole(pieces):
-        raise ValueError(f"{pieces.name} takes its own passes, which a loss scale cannot reach")
     loss = checked(pieces, loss_fn, params, state, run)
     passes = LossPasses(loss, run, aux_of(pieces, run), unscale=unscale)
     # With reuse_rng, no other thread may draw between a pass and its replay.

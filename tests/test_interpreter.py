@@ -625,6 +625,18 @@ def test_a_bare_method_in_the_class_counts_one_batchnorm_update_and_one_first_pa
     assert marks == [False, True] * 4
 
 
+def test_a_bare_method_refuses_a_loss_scale_it_cannot_reach() -> None:
+    """Its grad takes its own passes: the scale would be silently ignored."""
+    opt, scale = samfunc.sgd(0.1), samfunc.dynamic_loss_scale()
+    step = samfunc.make_train_step(
+        lambda p, b: (p["w"] * b).sum() ** 2, opt, method=bare_method(), loss_scale=scale
+    )
+    params = {"w": torch.ones(3, dtype=DTYPE)}
+    state = samfunc.init_train_state(params, opt, loss_scale=scale, method=bare_method())
+    with pytest.raises(ValueError, match="takes its own passes, which a loss scale cannot reach"):
+        step(state, torch.ones(3, dtype=DTYPE))
+
+
 def test_a_bare_method_takes_a_policy() -> None:
     batches = make_batches(nan_at=None)
     METHODS["_bare_every_2"] = lambda: samfunc.with_policy(bare_method(), samfunc.every_n_steps(2))
