@@ -281,17 +281,7 @@ class _ScaleByRadius:
     @staticmethod
     def advanced(state: ScaleByRadiusState, radius: float | torch.Tensor) -> ScaleByRadiusState:
         """The state after a step at ``radius`` (kept as a float32 metric)."""
-        if (
-            isinstance(radius, float)
-            and state.radius.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-        ):
-            shown = torch.tensor(radius, dtype=state.radius.dtype)
-        else:
-            # ones * radius, not torch.full: under torch.compile a float that became
-            # symbolic was baked into torch.full's output as a constant (torch 2.13).
-            shown = (torch.ones_like(state.radius) * radius).to(state.radius.dtype)
-        return ScaleByRadiusState(state.step + 1, shown)
+        return ScaleByRadiusState(state.step + 1, _tree.scalar_like(state.radius, radius))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -628,7 +618,7 @@ class _SamAscent:
         """
         if torch.compiler.is_compiling():
             return self._build(params)
-        key = _structure_key(params)
+        key = tuple(_tree.key_paths(params))  # a flat dict's keys, without a walk
         found = self.built.get(key)
         if found is None:
             found = self.built[key] = self._build(params)
@@ -692,13 +682,6 @@ class _SamAscent:
         full = self._expand(built, state)
         e, new_full = update_with_count(built.ascent, True, updates, full, params, count)
         return e, self._compact(built, new_full)
-
-
-def _structure_key(params: Params) -> tuple[str, ...]:
-    """The key paths of ``params``: a flat dict of tensors (the usual tree) needs no walk."""
-    if type(params) is dict and all(isinstance(v, torch.Tensor) for v in params.values()):
-        return tuple(params)
-    return tuple(_tree.key_paths(params))
 
 
 def mask_flags(mask: Optional[Mask], params: Params) -> tuple[bool, ...]:

@@ -233,12 +233,7 @@ def _learning_rate_update(
     check_state("scale_by_learning_rate", state, ScaleByLearningRateState)
     rate = constant if schedule is None else schedule(state.step)
     assert rate is not None
-    if isinstance(rate, float) and not torch.compiler.is_compiling():
-        shown = torch.full(
-            (), rate, dtype=state.learning_rate.dtype, device=state.learning_rate.device
-        )
-    else:  # a tensor, or a float made symbolic by the compiler (torch.full would bake it in)
-        shown = (torch.ones_like(state.learning_rate) * rate).to(state.learning_rate.dtype)
+    shown = _tree.scalar_like(state.learning_rate, rate)
     return _tree.scale(updates, sign * rate), ScaleByLearningRateState(state.step + 1, shown)
 
 

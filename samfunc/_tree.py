@@ -57,6 +57,7 @@ __all__ = [
     "scale",
     "is_dtensor",
     "copy_into",
+    "scalar_like",
     "zeros_like",
     "resolve_mask",
     "select",
@@ -501,6 +502,22 @@ def copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) 
             target.copy_(source)
         return
     torch._foreach_copy_(list(targets), list(sources))
+
+
+def scalar_like(reference: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d tensor of ``reference``'s dtype and device (a number kept in state).
+
+    A float, eager, is one ``torch.full``. A tensor, or a float the compiler
+    made symbolic, is ``ones_like * value``: under ``torch.compile``
+    ``torch.full`` baked a symbolic float into the graph as a constant (torch 2.13).
+
+    Examples:
+        >>> scalar_like(torch.zeros(()), 0.5)
+        tensor(0.5000)
+    """
+    if isinstance(value, float) and not torch.compiler.is_compiling():
+        return torch.full((), value, dtype=reference.dtype, device=reference.device)
+    return (torch.ones_like(reference) * value).to(reference.dtype)
 
 
 def zeros_like(tree: PyTree) -> PyTree:
