@@ -311,6 +311,8 @@ class RunningStatsGuard:
         del args
         if not isinstance(module, _NormBase) or not module.training:
             return
+        if not _can_guard():  # a forward traced or transformed meanwhile: its buffers are not these
+            return
         if not module.track_running_stats or id(module) in self._saved:
             return
         buffers = [
@@ -323,14 +325,22 @@ class RunningStatsGuard:
 
     def stop(self) -> None:
         """Stops watching and puts back what the watched modules' forwards changed."""
-        if self._handle is None:
-            return
-        self._handle.remove()
-        self._handle = None
+        saved = self._saved
+        self.release()
         with torch.no_grad():
-            for buffers, saved in self._saved.values():
-                for buffer, value in zip(buffers, saved):
+            for buffers, values in saved.values():
+                for buffer, value in zip(buffers, values):
                     buffer.copy_(value)
+
+    def release(self) -> None:
+        """Stops watching and forgets what it noted, putting nothing back.
+
+        For an owner that goes away mid-step (a ``samfunc.SAM`` dropped between
+        ``first_step`` and ``second_step``): its global hook must not outlive it.
+        """
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
         self._saved = {}
 
     @contextlib.contextmanager

@@ -203,8 +203,10 @@ class SAM(torch.optim.Optimizer):
         self._watch = _BackwardWatch()
         self._hooked: set[int] = set()
         self._handles: list[Any] = []
-        # The hooks hold the watch, not this optimizer; they go when it does.
+        # The hooks hold the watch and the guard, not this optimizer; they go when it does
+        # (the guard's global hook too, if it is dropped between first_step and second_step).
         weakref.finalize(self, _remove_hooks, self._handles)
+        weakref.finalize(self, self._guard.release)
         self._watch_params()
 
     def _watch_params(self) -> None:

@@ -466,6 +466,22 @@ def test_constructing_many_optimizers_leaves_no_hooks_behind() -> None:
     assert len(model.weight._post_accumulate_grad_hooks or {}) <= 1
 
 
+def test_an_optimizer_dropped_mid_step_leaves_no_global_hook_behind() -> None:
+    """first_step starts a global BatchNorm guard; an optimizer dropped before second_step
+    must not leave it watching (and cloning) every later module's forward."""
+    from torch.nn.modules.module import _global_forward_pre_hooks
+
+    before = len(_global_forward_pre_hooks)
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = samfunc.SAM([w], torch.optim.SGD, lr=0.1)
+    w.grad = torch.ones(2)
+    opt.first_step()
+    assert len(_global_forward_pre_hooks) == before + 1
+    del opt
+    gc.collect()
+    assert len(_global_forward_pre_hooks) == before
+
+
 # --- item 6: BatchNorm counts one update per step, in every pattern --------------------------
 
 
