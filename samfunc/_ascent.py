@@ -206,7 +206,8 @@ class ScaleByRadiusState(NamedTuple):
 
     Attributes:
         step: how many updates were made (a schedule's argument).
-        radius: the radius of the last update (float32; a metric to report).
+        radius: the radius of the last update (float32; a metric to report); for
+            a constant float rho, that rho from ``init`` on.
     """
 
     step: torch.Tensor
@@ -251,7 +252,11 @@ class _ScaleByRadius:
 
     def init(self, params: Params) -> ScaleByRadiusState:
         step = init_count(params)
-        return ScaleByRadiusState(step, torch.zeros((), dtype=torch.float32, device=step.device))
+        # A constant float radius is recorded once, here: every update keeps this tensor.
+        value = self.constant if isinstance(self.constant, float) else 0.0
+        return ScaleByRadiusState(
+            step, torch.full((), value, dtype=torch.float32, device=step.device)
+        )
 
     def update(
         self,
@@ -278,9 +283,12 @@ class _ScaleByRadius:
             value = _radius_from(value)
         return guard_radius(value)
 
-    @staticmethod
-    def advanced(state: ScaleByRadiusState, radius: float | torch.Tensor) -> ScaleByRadiusState:
+    def advanced(
+        self, state: ScaleByRadiusState, radius: float | torch.Tensor
+    ) -> ScaleByRadiusState:
         """The state after a step at ``radius`` (kept as a float32 metric)."""
+        if isinstance(self.constant, float):  # recorded by init, the same every step
+            return ScaleByRadiusState(state.step + 1, state.radius)
         return ScaleByRadiusState(state.step + 1, _tree.scalar_like(state.radius, radius))
 
 

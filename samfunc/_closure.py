@@ -1,10 +1,12 @@
-"""The passes of a ``samfunc.SAM`` step: a closure evaluated with the parameters moved to a point.
+"""``samfunc.SAM.step(closure)``: a closure evaluated with the parameters moved to a point.
 
-``samfunc.SAM.step(closure)`` hands the interpreter (``samfunc._engine.run_step``)
-a ``ClosurePasses`` where the functional drivers hand it ``LossPasses``: the
+``closure_step`` hands the interpreter (``samfunc._engine.run_step``) a
+``ClosurePasses`` where the functional drivers hand it ``LossPasses``: the
 gradient at a point is the closure's backward pass with the parameters
 temporarily at that point, read from ``.grad``. So the class runs every
 method through the same phases as ``method.grad`` and the train steps.
+Whether ``.grad`` already holds this step's first pass (the seed's pattern,
+``loss.backward()`` then ``step(closure)``) comes from a ``BackwardWatch``.
 
 Examples:
     >>> import torch
@@ -23,19 +25,151 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from . import _rng, _tree
+from ._engine import run_step
 from ._module import RunningStatsGuard
 from ._options import RunOptions
 from ._passes import Pass
+from ._phases import call_whole, is_whole
+from ._schedule import group_learning_rates
 from ._tree import PyTree
 from .integrations import lightning
 
-__all__ = ["ClosurePasses", "Moved", "grads_of", "write_grads"]
+if TYPE_CHECKING:
+    from ._stateful import SAM
+
+__all__ = [
+    "BackwardWatch",
+    "ClosurePasses",
+    "Moved",
+    "clear_grads",
+    "closure_step",
+    "grads_of",
+    "write_grads",
+]
+
+
+def closure_step(opt: SAM, closure: Callable[[], Any]) -> Any:
+    """``opt.step(closure)``: the method's whole step, the closure doing each pass.
+
+    The first pass is the closure at ``w``, or, when a backward pass since the
+    last step left gradients (``opt``'s ``BackwardWatch``), those gradients.
+    Whatever happens, the parameters are back at ``w`` before this returns or
+    raises; the base optimizer steps only on a finite gradient (``"skip"``).
+    """
+    opt._refuse_mid_step("call step")
+    opt._watch.watch(opt.param_groups)
+    leaves = opt._leaves()
+    pieces = opt._pieces(leaves)
+    fresh = opt._watch.seen and any(p.grad is not None for p in leaves.params)
+    if fresh and ((pieces.ascent is None and pieces.whole is None) or is_whole(pieces)):
+        raise RuntimeError(
+            f"{pieces.name} takes its own passes, so the backward pass before step(closure) "
+            "cannot be used: let the closure do the whole pass"
+        )
+    state = opt._state(pieces, leaves)
+    groups = opt.param_groups
+    passes = ClosurePasses(
+        torch.enable_grad()(closure),
+        leaves.keys,
+        leaves.params,
+        fresh,
+        opt._run(),
+        lambda: clear_grads(groups),
+        opt._storage,
+    )
+    tree = leaves.tree(leaves.params)
+    locked = _rng.RNG_LOCK if opt.reuse_rng else contextlib.nullcontext()
+    with locked, group_learning_rates(groups):
+        try:
+            if is_whole(pieces):
+                assert pieces.whole is not None
+                grads, loss, new_state = call_whole(
+                    pieces.whole, passes.loss_fn, tree, None, state, passes.run
+                )
+            else:
+                grads, loss, new_state = run_step(pieces, passes, tree, None, state)
+        finally:
+            passes.restore()
+            opt._watch.reset()
+    opt._opt_called = True  # what torch.optim.lr_scheduler checks
+    if loss is None:  # the seed's pattern: the closure's loss, at w + e
+        loss = passes.loss
+    if opt.nonfinite == "skip" and not _tree.norm_is_finite(grads):
+        opt.skipped_steps += 1
+        return loss
+    write_grads(leaves.params, _tree.leaves(grads), passes.had)
+    opt.base_optimizer.step()
+    opt._commit(new_state)
+    return loss
+
+
+class BackwardWatch:
+    """Notes that a backward pass accumulated a gradient into a watched parameter.
+
+    ``step(closure)`` asks it whether ``.grad`` holds a fresh first pass (the
+    seed's pattern) or what the previous step left (the PyTorch pattern). Its
+    hook is C code (``operator.setitem`` into a one-slot list), so a backward
+    pass runs no Python per parameter; the hooks go when the watch does.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> watch = BackwardWatch()
+        >>> watch.watch([{"params": [w]}])
+        >>> watch.seen
+        False
+        >>> w.sum().backward()
+        >>> watch.seen
+        True
+    """
+
+    __slots__ = ("__weakref__", "_handles", "_hook", "_hooked", "_slot")
+
+    def __init__(self) -> None:
+        self._slot: list[Any] = [None]  # the last parameter a backward pass reached
+        self._hook = functools.partial(operator.setitem, self._slot, 0)
+        self._hooked: set[int] = set()
+        self._handles: list[Any] = []
+        weakref.finalize(self, _remove_hooks, self._handles)
+
+    def watch(self, groups: list[dict[str, Any]]) -> None:
+        """Hooks every parameter of ``groups`` that can get a gradient (again after an unfreeze)."""
+        for group in groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in self._hooked:
+                    self._hooked.add(id(p))
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    @property
+    def seen(self) -> bool:
+        """Whether a backward pass reached a watched parameter since ``reset``."""
+        return self._slot[0] is not None
+
+    def reset(self) -> None:
+        """Forgets the backward passes so far."""
+        self._slot[0] = None
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def clear_grads(groups: list[dict[str, Any]]) -> None:
+    """``p.grad = None`` for each parameter of ``groups`` (no ``zero_grad`` profiler record)."""
+    for group in groups:
+        for p in group["params"]:
+            p.grad = None
 
 
 def grads_of(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:

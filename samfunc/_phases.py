@@ -183,7 +183,12 @@ def decide(pieces: Pieces, grads: PyTree, state: MethodState) -> tuple[torch.Ten
 
 def advance(state: MethodState, full: bool) -> MethodState:
     """The clock after one more update (``full`` a Python bool)."""
-    return state._replace(steps=state.steps + 1, full_steps=state.full_steps + int(full))
+    if not full:
+        return state._replace(steps=state.steps + 1)
+    if state.steps.device == state.full_steps.device and _tree.fused_ops():  # one op
+        steps, full_steps = torch._foreach_add([state.steps, state.full_steps], 1)
+        return state._replace(steps=steps, full_steps=full_steps)
+    return state._replace(steps=state.steps + 1, full_steps=state.full_steps + 1)
 
 
 def evaluation_point(pieces: Pieces, params: Params, state: MethodState) -> Params:

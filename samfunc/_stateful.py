@@ -27,17 +27,15 @@ turning every parameter into NaN; the seed's checkpoints load as they are.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
 
-from . import _class_checkpoint, _rng, _tree, _two_step
+from . import _class_checkpoint, _two_step
 from ._base import Method, Pieces
-from ._closure import ClosurePasses, Moved, write_grads
-from ._engine import run_step
+from ._closure import BackwardWatch, Moved, clear_grads, closure_step
 from ._finite import NonFinitePolicy, check_policy
 from ._groups import (
     SAM_DEFAULTS,
@@ -50,38 +48,13 @@ from ._groups import (
 )
 from ._module import RunningStatsGuard
 from ._options import RunOptions
-from ._phases import ascent_pieces, call_whole, init_state, is_whole
-from ._schedule import group_learning_rates
+from ._phases import ascent_pieces, init_state
 from ._validate import check_bool, check_nonnegative
 from .integrations import lightning
 
 __all__ = ["SAM"]
 
 CLASS_POLICIES = ("raise", "skip", "propagate")
-
-
-class _BackwardWatch:
-    """Notes that a backward pass accumulated a gradient into a watched parameter.
-
-    ``step(closure)`` asks it whether the gradients in ``.grad`` are a fresh
-    first pass (the seed's pattern: ``loss.backward()`` then ``step(closure)``)
-    or what the previous step left behind (the PyTorch pattern).
-    """
-
-    __slots__ = ("__weakref__", "seen")
-
-    def __init__(self) -> None:
-        self.seen = False
-
-    def __call__(self, param: torch.Tensor) -> None:
-        del param
-        self.seen = True
-
-
-def _remove_hooks(handles: list[Any]) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
 
 
 class SAM(torch.optim.Optimizer):
@@ -140,6 +113,8 @@ class SAM(torch.optim.Optimizer):
         >>> for _ in range(3):
         ...     loss = opt.step(closure)  # the loss at w, before this step's update
     """
+
+    _opt_called: bool  # set on each step, as torch.optim.lr_scheduler expects
 
     def __init__(
         self,
@@ -200,22 +175,10 @@ class SAM(torch.optim.Optimizer):
         self._groups_state: Optional[tuple[tuple[Any, ...], Any]] = None
         # w's storage while the parameters are at another point, reused from step to step.
         self._storage: dict[torch.Tensor, torch.Tensor] = {}
-        self._watch = _BackwardWatch()
-        self._hooked: set[int] = set()
-        self._handles: list[Any] = []
-        # The hooks hold the watch and the guard, not this optimizer; they go when it does
-        # (the guard's global hook too, if it is dropped between first_step and second_step).
-        weakref.finalize(self, _remove_hooks, self._handles)
+        self._watch = BackwardWatch()  # its hooks go when it does, with this optimizer
+        # The guard's global hook too, if this is dropped between first_step and second_step.
         weakref.finalize(self, self._guard.release)
-        self._watch_params()
-
-    def _watch_params(self) -> None:
-        """Hooks every parameter that can get a gradient (again after an unfreeze)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in self._hooked:
-                    self._hooked.add(id(p))
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._watch))
+        self._watch.watch(self.param_groups)
 
     def _wrapped(self) -> Optional[SAM]:
         """The SAM that Lightning's ``LightningOptimizer`` wraps, when ``self`` is that wrapper."""
@@ -330,17 +293,11 @@ class SAM(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears the gradients (as ``torch.optim.Optimizer.zero_grad``)."""
         if set_to_none:  # torch's own walks the same params, inside a profiler record
-            _clear_grads(self.param_groups)
+            clear_grads(self.param_groups)
         else:
             super().zero_grad(set_to_none)
         if hasattr(self, "_watch"):
-            self._watch.seen = False
-
-    def _has_fresh_gradients(self) -> bool:
-        """True if a backward pass since the last step left gradients to use."""
-        return self._watch.seen and any(
-            p.grad is not None for group in self.param_groups for p in group["params"]
-        )
+            self._watch.reset()
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -375,50 +332,7 @@ class SAM(torch.optim.Optimizer):
                 "SAM.step needs a closure that runs a forward-backward pass; "
                 "or call first_step() and second_step() yourself"
             )
-        self._refuse_mid_step("call step")
-        self._watch_params()
-        leaves = self._leaves()
-        pieces = self._pieces(leaves)
-        fresh = self._has_fresh_gradients()
-        if fresh and ((pieces.ascent is None and pieces.whole is None) or is_whole(pieces)):
-            raise RuntimeError(
-                f"{pieces.name} takes its own passes, so the backward pass before step(closure) "
-                "cannot be used: let the closure do the whole pass"
-            )
-        state = self._state(pieces, leaves)
-        passes = ClosurePasses(
-            torch.enable_grad()(closure),
-            leaves.keys,
-            leaves.params,
-            fresh,
-            self._run(),
-            lambda: _clear_grads(self.param_groups),
-            self._storage,
-        )
-        tree = leaves.tree(leaves.params)
-        locked = _rng.RNG_LOCK if self.reuse_rng else contextlib.nullcontext()
-        with locked, group_learning_rates(self.param_groups):
-            try:
-                if is_whole(pieces):
-                    assert pieces.whole is not None
-                    grads, loss, new_state = call_whole(
-                        pieces.whole, passes.loss_fn, tree, None, state, passes.run
-                    )
-                else:
-                    grads, loss, new_state = run_step(pieces, passes, tree, None, state)
-            finally:
-                passes.restore()
-                self._watch.seen = False
-        self._opt_called = True
-        if loss is None:  # the seed's pattern: the closure's loss, at w + e
-            loss = passes.loss
-        if self.nonfinite == "skip" and not _tree.norm_is_finite(grads):
-            self.skipped_steps += 1
-            return loss
-        write_grads(leaves.params, _tree.leaves(grads), passes.had)
-        self.base_optimizer.step()
-        self._commit(new_state)
-        return loss
+        return closure_step(self, closure)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group to both optimizers; it may set its own ``rho``, ``adaptive``, ``eta``."""
@@ -429,7 +343,7 @@ class SAM(torch.optim.Optimizer):
         self._check_group_options(len(self.param_groups), group)
         self.base_optimizer.add_param_group(group)
         self.param_groups = self.base_optimizer.param_groups
-        self._watch_params()
+        self._watch.watch(self.param_groups)
 
     def state_dict(self) -> dict[str, Any]:
         """This optimizer's groups plus the base optimizer's whole state (and the method's)."""
@@ -454,10 +368,3 @@ class SAM(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         _class_checkpoint.unpickle_into(self, state)
         self._start_runtime()
-
-
-def _clear_grads(groups: list[dict[str, Any]]) -> None:
-    """``p.grad = None`` for every parameter of ``groups``."""
-    for group in groups:
-        for p in group["params"]:
-            p.grad = None

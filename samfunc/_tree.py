@@ -316,7 +316,10 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     tensors = leaves(tree)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    return _leaf_norms(tensors, 2, _accumulation_dtype(tensors)).square().sum().sqrt()
+    norm: torch.Tensor = torch.linalg.vector_norm(
+        _leaf_norms(tensors, 2, _accumulation_dtype(tensors))
+    )
+    return norm
 
 
 def _accumulation_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -402,11 +405,47 @@ def all_finite(tree: PyTree) -> torch.Tensor:
 def norm_is_finite(tree: PyTree) -> bool:
     """Whether every element of ``tree`` is finite, read on the host (a device sync).
 
-    The global L2 norm (cheap, fused) is finite only if every element is; only
-    when it is not (a NaN or inf, or a norm beyond float32) does the exact
-    ``all_finite`` run, so finite gradients of any size pass.
+    Eager, over plain dense tensors on one device, it is one fused kernel
+    (``torch._amp_foreach_non_finite_check_and_unscale_``, ``GradScaler``'s
+    check, with a scale of 1: it rewrites each element as itself) and one read.
+    Elsewhere the global L2 norm (fused) is finite only if every element is;
+    only when it is not (a NaN or inf, or a norm beyond float32) does the exact
+    ``all_finite`` run. Either way finite values of any size pass.
+
+    Examples:
+        >>> import torch
+        >>> norm_is_finite({"w": torch.tensor([1.0, 3e38]), "b": torch.tensor([2.0])})
+        True
+        >>> norm_is_finite([torch.tensor([1.0, float("nan")])])
+        False
     """
+    tensors = leaves(tree)
+    if _plain_on_one_device(tensors):
+        found = torch.zeros(1, device=tensors[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, found.new_ones(()))
+        return not bool(found)
     return bool(torch.isfinite(global_norm(tree))) or bool(all_finite(tree))
+
+
+def _plain_on_one_device(tensors: Sequence[torch.Tensor]) -> bool:
+    """Tensors the fused check may rewrite in place: eager, plain, dense, floating, one device.
+
+    Contiguous (an expanded gradient shares memory between elements) and
+    outside autograd (no version counter a graph would check).
+    """
+    if not tensors or not fused_ops():
+        return False
+    device = tensors[0].device
+    return all(
+        type(t) is torch.Tensor
+        and t.device == device
+        and t.is_floating_point()
+        and t.is_contiguous()
+        and not t.requires_grad
+        and not t.is_inference()
+        and t.layout == torch.strided
+        for t in tensors
+    )
 
 
 def where(condition: torch.Tensor, new: PyTree, old: PyTree) -> PyTree:

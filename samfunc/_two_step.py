@@ -65,7 +65,7 @@ def first_step(opt: SAM, zero_grad: bool, scaler: Optional[torch.amp.GradScaler]
             "scales differently; for float16, use make_train_step(..., "
             "loss_scale=samfunc.dynamic_loss_scale()), or bfloat16 autocast"
         )
-    opt._watch.seen = False
+    opt._watch.reset()
     if scaler is not None:
         scaler.unscale_(opt)
     grads = grads_of(leaves.params)
@@ -88,7 +88,7 @@ def second_step(opt: SAM, zero_grad: bool, scaler: Optional[torch.amp.GradScaler
     opt.restore()
     perturbed, opt._perturbed = opt._perturbed, None
     skipped, opt._skip_second = opt._skip_second, False
-    opt._watch.seen = False
+    opt._watch.reset()
     if not skipped and perturbed is not None:
         _descend(opt, perturbed, scaler)
     # torch.optim.lr_scheduler wraps SAM.step to note that the optimizer
