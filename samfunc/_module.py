@@ -152,7 +152,7 @@ def module_loss(
         inputs, targets = batch
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         new_buffers = {name: b.clone() for name, b in start.items()}
-        output = functional_call(module, (params, new_buffers), args, tie_weights=tie_weights)
+        output = _call_with(module, params, new_buffers, args, tie_weights)
         loss = criterion(output, targets)
         if detach_output:
             plain = type(output) is torch.Tensor
@@ -160,6 +160,61 @@ def module_loss(
         return loss, ModuleAux(buffers=new_buffers, output=output)
 
     return loss_fn
+
+
+def _call_with(
+    module: torch.nn.Module, params: Tensors, buffers: Tensors, args: tuple[Any, ...], tie: bool
+) -> Any:
+    """``functional_call(module, (params, buffers), args, tie_weights=tie)``.
+
+    Eager, without ties to resolve, the module's own tensors are swapped for
+    the given ones in its ``_parameters`` and ``_buffers`` and put back after
+    the call: what ``functional_call`` does, without its per-call machinery
+    (on a small model that machinery cost as much as the forward pass).
+    Anything else (ties, a transform or ``torch.compile``, a tensor subclass,
+    a name that is not a parameter or buffer) goes to ``functional_call``.
+    """
+    slots = None if tie or not _tree.fused_ops() else _slots(module, (params, buffers))
+    if slots is None:
+        return functional_call(module, (params, buffers), args, tie_weights=tie)
+    originals = [table[key] for table, key, _ in slots]
+    try:
+        for table, key, value in slots:
+            table[key] = value
+        return module(*args)
+    finally:
+        for (table, key, _), original in zip(slots, originals):
+            table[key] = original
+
+
+Slot = tuple[dict[str, Any], str, torch.Tensor]
+
+
+def _slots(module: torch.nn.Module, trees: tuple[Tensors, Tensors]) -> list[Slot] | None:
+    """Where each named tensor lives in ``module`` (its table and key), or None if one does not."""
+    found: list[Slot] = []
+    owners: dict[str, torch.nn.Module] = {"": module}
+    for tree in trees:
+        for name, value in tree.items():
+            if type(value) not in _SWAPPABLE:
+                return None
+            prefix, _, key = name.rpartition(".")
+            owner = owners.get(prefix)
+            if owner is None:
+                try:
+                    owner = owners[prefix] = module.get_submodule(prefix)
+                except AttributeError:
+                    return None
+            if key in owner._parameters:
+                found.append((owner._parameters, key, value))
+            elif key in owner._buffers:
+                found.append((owner._buffers, key, value))
+            else:
+                return None
+    return found
+
+
+_SWAPPABLE = (torch.Tensor, torch.nn.Parameter)
 
 
 def _detach(x: Any) -> Any:

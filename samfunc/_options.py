@@ -39,6 +39,17 @@ ENGINE_POLICIES = ("propagate", "raise")
 
 Batch = PyTree
 
+#: The options a caller may pass (``samfunc.EngineOptions``).
+ENGINE_OPTIONS = (
+    "has_aux",
+    "num_chunks",
+    "accum_steps",
+    "vectorize_chunks",
+    "reuse_rng",
+    "nonfinite",
+    "data_parallel",
+)
+
 
 class RunOptions(NamedTuple):
     """``EngineOptions`` checked, with every default filled in."""
@@ -50,6 +61,9 @@ class RunOptions(NamedTuple):
     reuse_rng: bool = False
     nonfinite: NonFinitePolicy = "propagate"
     data_parallel: Optional[DataParallel] = None
+    # Not an engine option: False where the loss threads the module's buffers itself
+    # (module_loss copies them), so the second pass needs no RunningStatsGuard.
+    guard_running_stats: bool = True
 
     @property
     def local(self) -> bool:
@@ -64,10 +78,10 @@ class RunOptions(NamedTuple):
 
 def run_options(options: EngineOptions) -> RunOptions:
     """Checks the engine's options (unknown names included) once; fills in defaults."""
-    unknown = sorted(set(options) - set(RunOptions._fields))
+    unknown = sorted(set(options) - set(ENGINE_OPTIONS))
     if unknown:
         raise TypeError(
-            f"unexpected option {unknown[0]!r}; the engine's options are {RunOptions._fields}"
+            f"unexpected option {unknown[0]!r}; the engine's options are {ENGINE_OPTIONS}"
         )
     merged = RunOptions()._replace(**options)
     num_chunks = check_positive_int("num_chunks", merged.num_chunks)

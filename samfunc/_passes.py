@@ -10,6 +10,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
@@ -150,7 +151,7 @@ class LossPasses:
 
     def second(self, point: Params, batch: Batch) -> Pass:
         """The pass at ``w + e`` on the first pass's parts and draws, one BatchNorm update kept."""
-        with RunningStatsGuard().held():
+        with self._guard():
             done = self._over_parts(point, self._parts(batch), note=False)
         if self.run.reduces_each_pass:
             assert self.run.data_parallel is not None
@@ -160,8 +161,14 @@ class LossPasses:
 
     def losses(self, point: Params, batch: Batch) -> Any:
         """``loss_fn``'s value at ``point`` without a gradient, on the first part's draws."""
-        with torch.no_grad(), RunningStatsGuard().held():
+        with torch.no_grad(), self._guard():
             return self._replayed(0, lambda: self.loss_fn(point, batch))
+
+    def _guard(self) -> contextlib.AbstractContextManager[None]:
+        """BatchNorm's statistics held, unless the loss threads its buffers itself."""
+        if self.run.guard_running_stats:
+            return RunningStatsGuard().held()
+        return contextlib.nullcontext()
 
     def _replayed(self, index: int, fn: Callable[[], Any]) -> Any:
         if self.replay is None:

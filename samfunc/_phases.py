@@ -299,7 +299,7 @@ def call_whole(
     options = {
         name: value
         for name, value in run._asdict().items()
-        if value != getattr(defaults, name) and name != "nonfinite"
+        if value != getattr(defaults, name) and name not in ("nonfinite", "guard_running_stats")
     }
     accepted = accepted_options(method.grad)
     if accepted is not None:

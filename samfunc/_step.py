@@ -540,6 +540,8 @@ def make_module_train_step(
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     refuse_parallel_wrapper(module)
     settings = _settings(options)
+    # module_loss runs on copies of the buffers: the second pass cannot touch the module's.
+    settings = settings._replace(run=settings.run._replace(guard_running_stats=False))
     parts = settings.run.num_chunks * settings.run.accum_steps
     tied = has_tied_tensors(module)  # found once: tie weights after this, build a new step
 
