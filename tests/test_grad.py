@@ -53,3 +53,27 @@ def test_inside_a_function_transform_torch_func_runs() -> None:
     w, xs = torch.ones(3), torch.randn(4, 3)
     batched = torch.func.vmap(per_example, in_dims=(None, 0))(w, xs)
     torch.testing.assert_close(batched, 2 * w * xs**2)
+
+
+def test_aux_comes_back_detached_in_every_usual_shape() -> None:
+    from collections import OrderedDict
+
+    from samfunc._grad import _detached
+    from samfunc._module import ModuleAux
+
+    w = torch.ones(2, requires_grad=True)
+    y = w * 2
+    shapes = [
+        y,
+        {"a": y},
+        (y, [y, {"b": y}]),
+        ModuleAux(buffers={"m": y}, output=(y, 3)),
+        OrderedDict(c=y),
+        {"n": 1, "t": y},
+    ]
+    for aux in shapes:
+        out = _detached(aux)
+        assert type(out) is type(aux)
+        leaves = [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        assert leaves and not any(x.requires_grad for x in leaves)
+        assert torch.utils._pytree.tree_structure(out) == torch.utils._pytree.tree_structure(aux)

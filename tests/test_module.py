@@ -241,3 +241,45 @@ def test_multiple_inputs_are_passed_as_positional_arguments() -> None:
     loss, aux = loss_fn(samfunc.module_params(model), ((x, z), y))
     torch.testing.assert_close(aux.output, model(x, z).detach())
     assert loss.item() == pytest.approx(F.cross_entropy(model(x, z), y).item())
+
+
+def _direct_and_functional_call(model: torch.nn.Module, batch: Any) -> tuple[Any, Any]:
+    params, buffers = samfunc.module_state(model)
+    direct = samfunc.module_loss(model, F.cross_entropy, buffers, tie_weights=False)
+    through = samfunc.module_loss(model, F.cross_entropy, buffers, tie_weights=True)
+    return samfunc.sam_grad(direct, params, batch, has_aux=True), samfunc.sam_grad(
+        through, params, batch, has_aux=True
+    )
+
+
+def test_direct_swap_equals_functional_call_and_puts_the_module_back() -> None:
+    model = bn_model()
+    own = {k: v for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    batch = data()
+    (grads, (loss, aux)), (grads_fc, (loss_fc, aux_fc)) = _direct_and_functional_call(model, batch)
+    assert_trees_equal(grads, grads_fc)
+    assert torch.equal(loss, loss_fc)
+    assert_trees_equal(aux.buffers, aux_fc.buffers)
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    assert all(after[k] is v for k, v in own.items())  # the very same tensors, back in place
+    model.eval()
+    (grads, (loss, _)), (grads_fc, (loss_fc, _)) = _direct_and_functional_call(model, batch)
+    assert_trees_equal(grads, grads_fc)
+
+
+def test_direct_swap_puts_the_module_back_when_the_forward_raises() -> None:
+    model = bn_model()
+    own = dict(model.named_parameters())
+    params, buffers = samfunc.module_state(model)
+    loss_fn = samfunc.module_loss(model, F.cross_entropy, buffers, tie_weights=False)
+    with pytest.raises(RuntimeError):
+        loss_fn(params, (torch.randn(4, 7, dtype=torch.float64), torch.zeros(4, dtype=torch.long)))
+    assert all(dict(model.named_parameters())[k] is v for k, v in own.items())
+
+
+def test_direct_swap_leaves_unknown_names_to_functional_call() -> None:
+    model = bn_model()
+    params, buffers = samfunc.module_state(model)
+    loss_fn = samfunc.module_loss(model, F.cross_entropy, buffers, tie_weights=False)
+    with pytest.raises(Exception, match=r"nothere|no attribute"):
+        loss_fn({**params, "nothere.weight": torch.ones(1)}, data())

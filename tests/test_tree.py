@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -111,3 +112,42 @@ def test_resolve_mask_accepts_predicates_and_bool_trees() -> None:
         _tree.resolve_mask({"fc.weight": True}, params)
     with pytest.raises(TypeError, match=r"mask must hold Python bools, got Tensor at fc\.bias"):
         _tree.resolve_mask({"fc.weight": True, "fc.bias": torch.tensor(True)}, params)
+
+
+FLOAT_DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
+
+
+@given(
+    tree=pytrees(),
+    dtype=FLOAT_DTYPES,
+    poison=st.sampled_from([None, math.nan, math.inf, -math.inf]),
+    where=st.integers(0, 10**6),
+)
+def test_norm_is_finite_is_exact_and_leaves_values_alone(
+    tree: Any, dtype: torch.dtype, poison: float | None, where: int
+) -> None:
+    tree = _tree.tree_map(lambda t: t.to(dtype), tree)
+    leaves = _tree.leaves(tree)
+    if poison is not None:
+        leaf = leaves[where % len(leaves)]
+        if leaf.numel():
+            leaf.view(-1)[where % leaf.numel()] = poison
+    before = [t.clone() for t in leaves]
+    expected = all(bool(torch.isfinite(t).all()) for t in leaves)
+    assert _tree.norm_is_finite(tree) is expected
+    assert bool(_tree.all_finite(tree)) is expected
+    for old, new in zip(before, leaves):  # the fused check rewrites each element as itself
+        assert torch.equal(old, new) or (old.isnan() == new.isnan()).all()
+
+
+def test_norm_is_finite_takes_the_exact_path_where_it_cannot_write() -> None:
+    big = torch.full((4,), 3e38)
+    expanded = torch.tensor([1.0]).expand(3)  # one element under three indices
+    leaf = torch.ones(2, requires_grad=True)
+    mixed = [torch.ones(2), torch.ones(2, dtype=torch.float64)]
+    for tree in ([big, big], [expanded], [leaf], mixed, [torch.ones(2), torch.ones(2, 2).t()]):
+        assert _tree.norm_is_finite(tree)
+    assert not _tree.norm_is_finite([torch.tensor([float("inf")]).expand(3)])
+    with torch.inference_mode():
+        frozen = torch.ones(3)
+    assert _tree.norm_is_finite([frozen])
