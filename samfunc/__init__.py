@@ -38,6 +38,7 @@ from ._base import PerturbationOptions as PerturbationOptions
 from ._base import Pieces as Pieces
 from ._base import SamOptions as SamOptions
 from ._base import Schedule as Schedule
+from ._base import StateMismatchError as StateMismatchError
 from ._base import StepPolicy as StepPolicy
 from ._base import TransformInitFn as TransformInitFn
 from ._base import TransformUpdateFn as TransformUpdateFn
@@ -263,6 +264,7 @@ __all__ = [
     "module_params",
     "module_state",
     "EmptyState",
+    "StateMismatchError",
     "ApplyIfFiniteState",
     "NonFiniteGradientError",
     "apply_if_finite",

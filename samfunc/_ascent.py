@@ -41,6 +41,7 @@ from ._base import (
     Params,
     Rho,
     Schedule,
+    StateMismatchError,
     Updates,
     check_state,
 )
@@ -683,6 +684,12 @@ class _SamAscent:
     ) -> tuple[Updates, OptState]:
         params = _needs_params("sam_ascent", params)
         check_state("sam_ascent", state, SamAscentState)
+        if (self.direction is None) != (type(state.direction) is tuple and not state.direction):
+            found, here = ("with", "none") if self.direction is None else ("without", "one")
+            raise StateMismatchError(
+                f"sam_ascent got the state of an ascent {found} a direction (its direction "
+                f"part is {type(state.direction).__name__}), where this one has {here}"
+            )
         built = self._for_params(params)
         if built.radius_at < 0:  # plain SAM: rho reaches _ToRadius's product directly
             e, radius = built.ascent.update(updates, state.radius, params, count=count)  # type: ignore[call-arg]

@@ -105,6 +105,26 @@ class EmptyState(NamedTuple):
     """The state of a stateless transformation."""
 
 
+class StateMismatchError(TypeError):
+    """A state made by another transform's, piece's or method's ``init`` (a ``TypeError``).
+
+    Every driver checks a method's state part by part (ascent, combine,
+    policy) and names the method whose step was given another's state.
+
+    Examples:
+        >>> import torch
+        >>> import samfunc
+        >>> params = {"w": torch.ones(2)}
+        >>> try:
+        ...     samfunc.vasso(0.1).grad(
+        ...         lambda p, b: p["w"].sum(), params, None, samfunc.sam(0.1).init(params)
+        ...     )
+        ... except samfunc.StateMismatchError as error:
+        ...     print(str(error)[:54])
+        vasso got a method state made by another method's init
+    """
+
+
 def check_state(owner: str, state: Any, expected: type) -> None:
     """Raises ``TypeError`` if ``state`` was not made by ``owner``'s ``init``.
 
@@ -115,7 +135,7 @@ def check_state(owner: str, state: Any, expected: type) -> None:
         >>> check_state("trace", EmptyState(), EmptyState)
     """
     if not isinstance(state, expected):
-        raise TypeError(
+        raise StateMismatchError(
             f"{owner} got a state of type {type(state).__name__}, expected {expected.__name__}: "
             f"was it made by another optimizer's init? Build the state with this optimizer's "
             f"init(params)"

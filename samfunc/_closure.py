@@ -38,7 +38,7 @@ from ._engine import run_step
 from ._module import RunningStatsGuard
 from ._options import RunOptions
 from ._passes import Pass
-from ._phases import call_whole, is_whole
+from ._phases import call_whole, check_method_state, is_whole
 from ._schedule import group_learning_rates
 from ._tree import PyTree
 from .integrations import lightning
@@ -76,6 +76,7 @@ def closure_step(opt: SAM, closure: Callable[[], Any]) -> Any:
             "cannot be used: let the closure do the whole pass"
         )
     state = opt._state(pieces, leaves)
+    check_method_state(pieces, state)
     groups = opt.param_groups
     passes = ClosurePasses(
         torch.enable_grad()(closure),

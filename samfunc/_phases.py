@@ -34,6 +34,7 @@ from ._base import (
     OptState,
     Params,
     Pieces,
+    StateMismatchError,
     check_state,
 )
 from ._combine import takes_count, update_with_count
@@ -67,6 +68,7 @@ __all__ = [
     "per_sample",
     "aux_of",
     "checked",
+    "check_method_state",
     "check_pass",
     "check_step",
     "accepted_options",
@@ -156,29 +158,54 @@ def kind_of_step(pieces: Pieces, state: MethodState) -> Optional[bool]:
 def ascend(pieces: Pieces, grads: PyTree, state: MethodState, params: Params) -> tuple[Any, Any]:
     """The ascent phase: ``(e, new ascent state)`` from ``g``, at the clock's count."""
     assert pieces.ascent is not None
-    return update_with_count(
-        pieces.ascent, pieces.ascent_takes_count, grads, state.ascent, params, state.steps
-    )
+    try:
+        return update_with_count(
+            pieces.ascent, pieces.ascent_takes_count, grads, state.ascent, params, state.steps
+        )
+    except StateMismatchError as error:
+        raise _foreign(pieces, "ascent", error) from None
 
 
 def combine(
     pieces: Pieces, grads: PyTree, perturbed_grads: PyTree, state: MethodState, params: Params
 ) -> tuple[PyTree, Any]:
     """The combine phase of a full step: ``(gradient, new combiner state)``."""
-    return pieces.combiner.update(grads, perturbed_grads, state.combine, params)
+    try:
+        return pieces.combiner.update(grads, perturbed_grads, state.combine, params)
+    except StateMismatchError as error:
+        raise _foreign(pieces, "combine", error) from None
 
 
 def reuse(pieces: Pieces, grads: PyTree, state: MethodState, point: Params) -> tuple[PyTree, Any]:
     """A cheap or one-pass step's gradient from ``g``: ``combiner.reuse``, or ``g`` itself."""
     if pieces.combiner.reuse is None:
         return grads, state.combine
-    return pieces.combiner.reuse(grads, state.combine, point)
+    try:
+        return pieces.combiner.reuse(grads, state.combine, point)
+    except StateMismatchError as error:
+        raise _foreign(pieces, "combine", error) from None
 
 
 def decide(pieces: Pieces, grads: PyTree, state: MethodState) -> tuple[torch.Tensor, Any]:
     """A policy that reads the gradient: ``(full, new policy state)`` from ``||g||^2``."""
     assert pieces.policy is not None and pieces.policy.decide is not None
-    return pieces.policy.decide(_tree.vdot(grads, grads), state.policy, state.steps)
+    try:
+        return pieces.policy.decide(_tree.vdot(grads, grads), state.policy, state.steps)
+    except StateMismatchError as error:
+        raise _foreign(pieces, "policy", error) from None
+
+
+def _is_empty(part: Any) -> bool:
+    return type(part) is tuple and not part
+
+
+def _foreign(pieces: Pieces, part: str, error: StateMismatchError) -> StateMismatchError:
+    """``error`` (a piece's own) restated for the method: its state came from another method."""
+    return StateMismatchError(
+        f"{pieces.name} got a method state made by another method's init: its {part} part "
+        f"does not fit ({error}). Build it with the same method: {pieces.name}'s "
+        "init(params), or init_train_state(..., method=the same method)"
+    )
 
 
 def advance(state: MethodState, full: bool) -> MethodState:
@@ -216,15 +243,7 @@ def checked(pieces: Pieces, loss_fn: LossFn, params: Params, state: Any, run: Ru
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     check_params(params)
-    check_state(pieces.name, state, MethodState)
-    expected = pieces.combiner.state_type
-    if expected is not None and pieces.whole is None and not isinstance(state.combine, expected):
-        raise TypeError(
-            f"{pieces.name} got a method state made by another method's init: its combine part "
-            f"is {type(state.combine).__name__}, where {pieces.name} keeps {expected.__name__}. "
-            f"Build it with the same method: {pieces.name}'s init(params), or "
-            "init_train_state(..., method=the same method)"
-        )
+    check_method_state(pieces, state)
     if run.nonfinite == "raise":
         refuse_raise_under_compile()
     if per_sample(pieces) and run.accum_steps > 1:
@@ -249,6 +268,32 @@ def checked(pieces: Pieces, loss_fn: LossFn, params: Params, state: Any, run: Ru
         )
     loss = checked_loss_fn(loss_fn, run.has_aux, per_sample(pieces))
     return mean_of_samples(loss, run.has_aux) if per_sample(pieces) else loss
+
+
+def check_method_state(pieces: Pieces, state: Any) -> None:
+    """A ``MethodState`` whose parts this method's pieces made, or an error naming the method.
+
+    The combine part's type (``Combiner.state_type``) and whether there is a
+    policy part are checked here; each piece checks the rest of its own part
+    when it runs (``ascend``, ``decide`` restate its error for the method).
+    """
+    if pieces.whole is not None and pieces.policy is None:
+        return  # a bare method's own state, whatever it is
+    check_state(pieces.name, state, MethodState)
+    expected = pieces.combiner.state_type
+    if expected is not None and pieces.whole is None and not isinstance(state.combine, expected):
+        raise StateMismatchError(
+            f"{pieces.name} got a method state made by another method's init: its combine part "
+            f"is {type(state.combine).__name__}, where {pieces.name} keeps {expected.__name__}. "
+            f"Build it with the same method: {pieces.name}'s init(params), or "
+            "init_train_state(..., method=the same method)"
+        )
+    if pieces.policy is None and pieces.whole is None and not _is_empty(state.policy):
+        raise _foreign(
+            pieces,
+            "policy",
+            StateMismatchError(f"{type(state.policy).__name__}, where there is no policy"),
+        )
 
 
 def check_pass(

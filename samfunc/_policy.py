@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Union
 import torch
 
 from . import _tree
-from ._base import Params, Schedule, StepPolicy
+from ._base import Params, Schedule, StepPolicy, check_state
 from ._validate import check_in_interval, check_number, check_positive_int
 
 __all__ = [
@@ -131,6 +131,7 @@ class _SharpSteps:
     def decide(
         self, sq_norm: torch.Tensor, state: Any, count: torch.Tensor
     ) -> tuple[torch.Tensor, SharpStepsState]:
+        check_state("sharp_steps", state, SharpStepsState)
         sq_norm = sq_norm.to(state.mean.dtype)
         mean = self.delta * state.mean + (1.0 - self.delta) * sq_norm
         variance = self.delta * state.variance + (1.0 - self.delta) * (sq_norm - mean) ** 2

@@ -34,7 +34,7 @@ from ._closure import Moved, grads_of, write_grads
 from ._finite import raise_if_nonfinite
 from ._groups import Leaves
 from ._options import FIRST_PASS, SECOND_PASS
-from ._phases import advance, ascend, combine, is_whole
+from ._phases import advance, ascend, check_method_state, combine, is_whole
 from ._schedule import group_learning_rates
 
 if TYPE_CHECKING:
@@ -123,6 +123,7 @@ def _finite_or_skip(opt: SAM, grads: dict[str, torch.Tensor], where: str, scaled
 
 def _perturb(opt: SAM, pieces: Pieces, leaves: Leaves, grads: list[torch.Tensor]) -> None:
     state = opt._state(pieces, leaves)
+    check_method_state(pieces, state)
     e, ascent_state = ascend(pieces, leaves.tree(grads), state, leaves.tree(leaves.params))
     first = [g.clone() for g in grads] if pieces.combiner.reads_first_gradient else None
     opt._moved = Moved(leaves.params, opt._storage)

@@ -747,6 +747,52 @@ def test_another_methods_state_is_refused_by_every_driver(
         )
 
 
+@pytest.mark.parametrize(
+    ("built", "given", "part"),
+    [
+        ("vasso", "sam", "ascent"),
+        ("sam", "vasso", "ascent"),
+        ("friendly_sam", "gsam", "ascent"),
+        ("ae_sam", "sam", "policy"),
+        ("sam", "ae_sam", "policy"),
+    ],
+)
+def test_another_methods_ascent_or_policy_state_is_refused_naming_the_method(
+    built: str, given: str, part: str
+) -> None:
+    """The piece's own check, restated for the method: in method.grad, the train step, the class."""
+    make = {
+        "vasso": lambda: samfunc.vasso(0.1),
+        "sam": lambda: samfunc.sam(0.1),
+        "gsam": lambda: samfunc.gsam(0.1),
+        "friendly_sam": lambda: samfunc.friendly_sam(0.1),
+        "ae_sam": lambda: samfunc.ae_sam(0.1),
+    }
+    params = {"w": torch.ones(3, dtype=DTYPE)}
+    message = f"{built} got a method state made by another method's init: its {part} part"
+    loss_fn = lambda p, b: (p["w"] * b).sum() ** 2  # noqa: E731
+    with pytest.raises(samfunc.StateMismatchError, match=message):
+        make[built]().grad(loss_fn, params, torch.ones(3, dtype=DTYPE), make[given]().init(params))
+    opt = samfunc.sgd(0.1)
+    state = samfunc.init_train_state(params, opt, method=make[given]())
+    step = samfunc.make_train_step(loss_fn, opt, method=make[built]())
+    with pytest.raises(TypeError, match=message):
+        step(state, torch.ones(3, dtype=DTYPE))
+    w = torch.nn.Parameter(torch.ones(3, dtype=DTYPE))
+    sam = samfunc.SAM([w], torch.optim.SGD, method=make[built](), lr=0.1)
+    sam.method_state = make[given]().init({"param_groups[0]['params'][0]": w.detach()})
+
+    def closure() -> torch.Tensor:
+        sam.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(TypeError, match=message):
+        sam.step(closure)
+    assert torch.equal(w.detach(), torch.ones(3, dtype=DTYPE))  # w untouched
+
+
 def test_bad_hyperparameters_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\), got 1.5"):
         samfunc.gsam(alpha=1.5)
