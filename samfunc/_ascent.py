@@ -207,8 +207,7 @@ class ScaleByRadiusState(NamedTuple):
 
     Attributes:
         step: how many updates were made (a schedule's argument).
-        radius: the radius of the last update (float32; a metric to report); for
-            a constant float rho, that rho from ``init`` on.
+        radius: the radius of the last update (float32; a metric to report).
     """
 
     step: torch.Tensor
@@ -253,11 +252,7 @@ class _ScaleByRadius:
 
     def init(self, params: Params) -> ScaleByRadiusState:
         step = init_count(params)
-        # A constant float radius is recorded once, here: every update keeps this tensor.
-        value = self.constant if isinstance(self.constant, float) else 0.0
-        return ScaleByRadiusState(
-            step, torch.full((), value, dtype=torch.float32, device=step.device)
-        )
+        return ScaleByRadiusState(step, torch.zeros((), dtype=torch.float32, device=step.device))
 
     def update(
         self,
@@ -287,9 +282,11 @@ class _ScaleByRadius:
     def advanced(
         self, state: ScaleByRadiusState, radius: float | torch.Tensor
     ) -> ScaleByRadiusState:
-        """The state after a step at ``radius`` (kept as a float32 metric)."""
-        if isinstance(self.constant, float):  # recorded by init, the same every step
-            return ScaleByRadiusState(state.step + 1, state.radius)
+        """The state after a step at ``radius`` (kept as a float32 metric).
+
+        Recorded at every step, also for a constant rho: a state may come from
+        another method's ``init`` (``init_train_state`` builds ``sam(0.05)``'s).
+        """
         return ScaleByRadiusState(state.step + 1, _tree.scalar_like(state.radius, radius))
 
 

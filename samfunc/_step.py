@@ -26,17 +26,15 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
-import torch.utils._pytree as pytree
 from typing_extensions import Unpack
 
 from . import _tree
-from ._ascent import SamAscentState, ScaleByRadiusState
+from ._ascent import ScaleByRadiusState
 from ._base import (
     PARTS_OPTION_NAMES,
     SAM_OPTION_NAMES,
     GradientTransformation,
     Method,
-    MethodState,
     OptState,
     PartsOptions,
     Pieces,
@@ -205,33 +203,29 @@ def init_train_state(
 
 
 def _radius_in(method_state: Any, device: torch.device) -> torch.Tensor:
-    """The radius a method's state recorded (its first ``scale_by_radius``), else NaN."""
-    if isinstance(method_state, MethodState) and isinstance(method_state.ascent, SamAscentState):
-        return method_state.ascent.radius.radius  # SAM's ascent and those built on it: no walk
-    found = [
-        leaf
-        for leaf in pytree.tree_leaves(
-            method_state, is_leaf=lambda node: isinstance(node, ScaleByRadiusState)
-        )
-        if isinstance(leaf, ScaleByRadiusState)
-    ]
-    if found:
-        return found[0].radius
-    return torch.full((), float("nan"), dtype=torch.float32, device=device)
+    """The radius the method's first ``scale_by_radius`` recorded, else NaN."""
+    return _recorded(method_state, ScaleByRadiusState, "radius", device)
 
 
 def _learning_rate_in(opt_state: Any, device: torch.device) -> torch.Tensor:
-    """The learning rate the optimizer's ``scale_by_learning_rate`` recorded, else NaN.
+    """The learning rate the optimizer's ``scale_by_learning_rate`` recorded, else NaN."""
+    return _recorded(opt_state, ScaleByLearningRateState, "learning_rate", device)
 
-    An optimizer's state is tuples (``chain``, ``masked``) around NamedTuples:
-    only those are searched, never the trees of tensors they hold.
+
+def _recorded(state: Any, kind: type, field: str, device: torch.device) -> torch.Tensor:
+    """``field`` of the first ``kind`` in ``state``, depth first, else NaN (a metric).
+
+    States nest transforms' states in tuples and lists (``chain``, ``masked``,
+    ``MethodState``): only those are searched, never the dicts of tensors the
+    states hold, so the search costs no walk over the parameters.
     """
-    pending = [opt_state]
+    pending = [state]
     while pending:
         node = pending.pop()
-        if isinstance(node, ScaleByLearningRateState):
-            return node.learning_rate
-        if isinstance(node, tuple):
+        if isinstance(node, kind):
+            found: torch.Tensor = getattr(node, field)
+            return found
+        if isinstance(node, (tuple, list)):
             pending.extend(reversed(node))
     return torch.full((), float("nan"), dtype=torch.float32, device=device)
 

@@ -181,8 +181,7 @@ class ScaleByLearningRateState(NamedTuple):
     Attributes:
         step: the number of updates done so far (a schedule's argument).
         learning_rate: the learning rate of the last update (float32; 0
-            before the first, or the constant rate from ``init`` on), which the
-            train steps report in ``StepMetrics``.
+            before the first), which the train steps report in ``StepMetrics``.
     """
 
     step: torch.Tensor
@@ -208,23 +207,16 @@ def scale_by_learning_rate(
     if callable(learning_rate):
         schedule = check_schedule_nonnegative("learning_rate", learning_rate)
         update = functools.partial(_learning_rate_update, sign=sign, schedule=schedule)
-        return GradientTransformation(_learning_rate_init, update)
-    rate = check_nonnegative("learning_rate", learning_rate)
-    update = functools.partial(_learning_rate_update, sign=sign, constant=rate)
-    return GradientTransformation(functools.partial(_learning_rate_init, constant=rate), update)
+    else:
+        rate = check_nonnegative("learning_rate", learning_rate)
+        update = functools.partial(_learning_rate_update, sign=sign, constant=rate)
+    return GradientTransformation(_learning_rate_init, update)
 
 
-def _learning_rate_init(
-    params: Params, *, constant: Optional[float] = None
-) -> ScaleByLearningRateState:
-    """The ``init`` of ``scale_by_learning_rate``: a zero count, and the rate if it is constant.
-
-    A schedule's rate is 0 until the first update; a constant one is recorded
-    here, once, and every update keeps that tensor.
-    """
+def _learning_rate_init(params: Params) -> ScaleByLearningRateState:
+    """The ``init`` of ``scale_by_learning_rate``: a zero count, no learning rate yet (0)."""
     step = init_count(params)
-    rate = 0.0 if constant is None else constant
-    return ScaleByLearningRateState(step, torch.full((), rate, device=step.device))
+    return ScaleByLearningRateState(step, torch.zeros((), device=step.device))
 
 
 def _learning_rate_update(
@@ -239,11 +231,8 @@ def _learning_rate_update(
     """The ``update`` of ``scale_by_learning_rate``."""
     del params
     check_state("scale_by_learning_rate", state, ScaleByLearningRateState)
-    if schedule is None:
-        assert constant is not None
-        kept = ScaleByLearningRateState(state.step + 1, state.learning_rate)  # recorded by init
-        return _tree.scale(updates, sign * constant), kept
-    rate = schedule(state.step)
+    rate = constant if schedule is None else schedule(state.step)
+    assert rate is not None
     shown = _tree.scalar_like(state.learning_rate, rate)
     return _tree.scale(updates, sign * rate), ScaleByLearningRateState(state.step + 1, shown)
 

@@ -220,3 +220,16 @@ def test_loss_scale_options_are_checked_when_built() -> None:
     step = samfunc.make_train_step(loss_fn, opt, loss_scale=samfunc.dynamic_loss_scale())
     with pytest.raises(ValueError, match=r"state\.loss_scale is empty"):
         step(samfunc.init_train_state({"w": torch.ones(2)}, opt), None)
+
+
+def test_metrics_report_the_steps_rho_and_rate_on_a_state_another_method_built() -> None:
+    """init_train_state builds sam(0.05)'s state by default; a step of sam(0.2) reports 0.2."""
+    params = {"w": torch.tensor([1.0, -2.0])}
+    state = samfunc.init_train_state(params, samfunc.sgd(0.3))
+    step = samfunc.make_train_step(
+        lambda p, b: ((p["w"] * b) ** 2).sum(), samfunc.sgd(0.1), rho=0.2
+    )
+    for _ in range(2):
+        state, metrics = step(state, torch.ones(2))
+        assert metrics.rho.item() == pytest.approx(0.2)
+        assert metrics.learning_rate.item() == pytest.approx(0.1)
