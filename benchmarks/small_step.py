@@ -165,14 +165,20 @@ def class_step(spec: ModelSpec, method: Optional[samfunc.Method]) -> OneStep:
     return step
 
 
-def functional_step(spec: ModelSpec, method: Optional[samfunc.Method]) -> OneStep:
+def per_sample_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def functional_step(
+    spec: ModelSpec, method: Optional[samfunc.Method], criterion: Any = F.cross_entropy
+) -> OneStep:
     """samfunc.make_module_train_step, eager, its default options."""
     model, batch = fresh_model(spec, "cpu"), make_batch(spec, "cpu")
     opt = samfunc_sgd()
     if method is None:
-        train_step = samfunc.make_module_train_step(model, F.cross_entropy, opt, rho=RHO)
+        train_step = samfunc.make_module_train_step(model, criterion, opt, rho=RHO)
     else:
-        train_step = samfunc.make_module_train_step(model, F.cross_entropy, opt, method=method)
+        train_step = samfunc.make_module_train_step(model, criterion, opt, method=method)
     holder = {"state": samfunc.init_train_state(model, opt, method=method)}
 
     def step() -> None:
@@ -248,6 +254,43 @@ def class_momentum_sam(spec: ModelSpec) -> OneStep:
 def functional_momentum_sam(spec: ModelSpec) -> OneStep:
     """make_module_train_step(..., method=samfunc.momentum_sam(rho=0.05))."""
     return functional_step(spec, samfunc.momentum_sam(rho=RHO))
+
+
+@variant("class_gsam", passes=2)
+def class_gsam(spec: ModelSpec) -> OneStep:
+    """samfunc.SAM(..., method=samfunc.gsam(rho=0.05, alpha=0.4)), step(closure)."""
+    return class_step(spec, samfunc.gsam(rho=RHO, alpha=0.4))
+
+
+@variant("functional_gsam", passes=2)
+def functional_gsam(spec: ModelSpec) -> OneStep:
+    """make_module_train_step(..., method=samfunc.gsam(rho=0.05, alpha=0.4))."""
+    return functional_step(spec, samfunc.gsam(rho=RHO, alpha=0.4))
+
+
+@variant("functional_wsam", passes=2)
+def functional_wsam(spec: ModelSpec) -> OneStep:
+    """make_module_train_step(..., method=samfunc.wsam(rho=0.05, gamma=0.9))."""
+    return functional_step(spec, samfunc.wsam(rho=RHO, gamma=0.9))
+
+
+@variant("functional_friendly_sam", passes=2)
+def functional_friendly_sam(spec: ModelSpec) -> OneStep:
+    """make_module_train_step(..., method=samfunc.friendly_sam(rho=0.05))."""
+    return functional_step(spec, samfunc.friendly_sam(rho=RHO))
+
+
+@variant("functional_vasso", passes=2)
+def functional_vasso(spec: ModelSpec) -> OneStep:
+    """make_module_train_step(..., method=samfunc.vasso(rho=0.05))."""
+    return functional_step(spec, samfunc.vasso(rho=RHO))
+
+
+@variant("functional_esam", passes=2)
+def functional_esam(spec: ModelSpec) -> OneStep:
+    """make_module_train_step(..., method=samfunc.esam(rho=0.05)): beta 0.6, gamma 0.5,
+    a per-sample cross-entropy (second pass on half the batch, plus a forward)."""
+    return functional_step(spec, samfunc.esam(rho=RHO), per_sample_cross_entropy)
 
 
 PROFILED = ("functional", "class")  # the variants whose samfunc functions are listed
@@ -373,6 +416,15 @@ def ratio(value: float, reference: Optional[float]) -> str:
     return f"{value / reference:.3f}" if reference else "-"
 
 
+def same_driver_sam(runs: dict[str, Any], name: str) -> Optional[float]:
+    """SAM's median in the driver of ``name`` (``class_*``: class, ``functional_*``: functional)."""
+    driver = name.split("_")[0]
+    if driver not in ("class", "functional") or name == driver or driver not in runs:
+        return None
+    median: float = runs[driver]["time"]["median_us"]
+    return median
+
+
 def markdown(results: dict[str, Any]) -> str:
     settings = results["settings"]
     lines = [
@@ -396,7 +448,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Columns: passes = gradient evaluations per step (amortized); us/step = median time "
         "per step, IQR its quartiles; x seed, x sgd = median over that variant's median in the "
-        "same run; aten ops = every func a TorchDispatchMode sees per step (backward included); "
+        "same run; x SAM = over SAM's in the same driver (class or functional); "
+        "aten ops = every func a TorchDispatchMode sees per step (backward included); "
         "syncs = aten._local_scalar_dense per step (.item(), bool(t), ...; a device sync on a "
         "GPU); Python calls = cProfile's function calls per step (C functions included).",
         "",
@@ -408,9 +461,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## {entry['label']} (batch {entry['batch']})",
             "",
-            "| variant | passes | us/step | IQR us | x seed | x sgd | aten ops | syncs | "
+            "| variant | passes | us/step | IQR us | x seed | x sgd | x SAM | aten ops | syncs | "
             "Python calls |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         sites: dict[str, list[str]] = {}
         for name, run in runs.items():
@@ -425,6 +478,7 @@ def markdown(results: dict[str, Any]) -> str:
                         f"{t['q1_us']:.1f}-{t['q3_us']:.1f}",
                         ratio(t["median_us"], seed),
                         ratio(t["median_us"], sgd),
+                        ratio(t["median_us"], same_driver_sam(runs, name)),
                         f"{run['ops_per_step']:.1f}",
                         f"{run['syncs_per_step']:.1f}",
                         f"{run['python']['calls_per_step']:.0f}",
