@@ -340,8 +340,24 @@ def vdot(a: PyTree, b: PyTree, dtype: torch.dtype | None = None) -> torch.Tensor
     """
     a_leaves, b_leaves = leaves(a), leaves(b)
     wide = _accumulation_dtype(a_leaves) if dtype is None else dtype
+    if _fused_in(wide, a_leaves, b_leaves):  # one op for every leaf's dot product
+        rows = [x.reshape(1, -1) for x in a_leaves]
+        columns = [y.reshape(-1, 1) for y in b_leaves]
+        return torch.cat(torch._foreach_mm(rows, columns)).sum()
     terms = [(x.to(wide) * y.to(wide)).sum() for x, y in zip(a_leaves, b_leaves)]
     return torch.stack(terms).sum()
+
+
+def _fused_in(dtype: torch.dtype, *groups: Sequence[torch.Tensor]) -> bool:
+    """Whether ``groups`` are plain tensors of ``dtype`` on one device, outside transforms."""
+    if not groups[0] or not fused_ops():
+        return False
+    device = groups[0][0].device
+    return all(
+        type(t) is torch.Tensor and t.dtype == dtype and t.device == device
+        for group in groups
+        for t in group
+    )
 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -151,3 +151,19 @@ def test_norm_is_finite_takes_the_exact_path_where_it_cannot_write() -> None:
     with torch.inference_mode():
         frozen = torch.ones(3)
     assert _tree.norm_is_finite([frozen])
+
+
+@given(tree=pytrees(), dtype=FLOAT_DTYPES, seed=st.integers(0, 2**31 - 1))
+def test_vdot_equals_the_dot_product_of_the_concatenations(
+    tree: Any, dtype: torch.dtype, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    a = _tree.tree_map(lambda t: t.to(dtype), tree)
+    b = _tree.tree_map(lambda t: torch.randn(t.shape, generator=generator).to(dtype), tree)
+    flat = [torch.cat([t.double().reshape(-1) for t in _tree.leaves(x)]) for x in (a, b)]
+    expected = float(flat[0] @ flat[1])
+    got = _tree.vdot(a, b)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    scale = float(flat[0].abs() @ flat[1].abs()) + 1e-30
+    tolerance = 1e-14 if dtype == torch.float64 else 1e-5
+    assert abs(got.item() - expected) <= tolerance * scale
