@@ -231,12 +231,21 @@ class Moved:
     @torch.no_grad()
     def move_to(self, values: Sequence[torch.Tensor]) -> None:
         """Copies ``values`` into the parameters, ``w`` into storage first."""
+        self._keep()
+        _tree.copy_into(self.params, list(values))
+
+    @torch.no_grad()
+    def shift(self, steps: Sequence[torch.Tensor]) -> None:
+        """Adds ``steps`` to the parameters in place, ``w`` into storage first."""
+        self._keep()
+        _tree.add_into(self.params, list(steps))
+
+    def _keep(self) -> None:
         for p in self.params:
             if p not in self.storage:
                 self.storage[p] = torch.empty_like(p)
         self._backup = [self.storage[p] for p in self.params]
         _tree.copy_into(self._backup, self.params)
-        _tree.copy_into(self.params, list(values))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -309,13 +318,21 @@ class ClosurePasses:
             self.replay = [_rng.capture(self.params)]
         return self._evaluate(point)
 
+    def point_at(self, params: PyTree, e: PyTree) -> PyTree:
+        """``w + e``: the parameters themselves, moved there in place until ``second`` ends."""
+        self.moved.shift(_tree.leaves(e))
+        return params
+
     def second(self, point: PyTree, batch: Any) -> Pass:
         """The pass at ``w + e`` (``in_second_pass``): the first draws replayed, BatchNorm kept."""
         del batch
-        with RunningStatsGuard().held(), lightning.second_pass():
-            if self.replay is None:
-                return self._evaluate(point)
-            return _rng.replayed(self.replay[0], lambda: self._evaluate(point))
+        try:
+            with RunningStatsGuard().held(), lightning.second_pass():
+                if self.replay is None:
+                    return self._evaluate(point)
+                return _rng.replayed(self.replay[0], lambda: self._evaluate(point))
+        finally:
+            self.restore()  # back to w before the combiner reads params
 
     def losses(self, point: PyTree, batch: Any) -> Any:
         """Per-sample losses: a closure has none (``samfunc.SAM`` refuses ESAM's selection)."""

@@ -221,7 +221,7 @@ def _full(
     fails are the passes read to say which one it came from.
     """
     e, ascent_state = ascend(pieces, first.grads, state, params)
-    perturbed = _tree.add_scaled(params, e, 1.0)
+    perturbed = passes.point_at(params, e)
     selected = batch
     if pieces.select_fraction is not None and pieces.select_fraction < 1.0:
         selected = _sharpest(pieces.select_fraction, passes, perturbed, batch, first.value)

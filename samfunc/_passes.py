@@ -149,6 +149,10 @@ class LossPasses:
             done = self._over_parts(params, self._parts(batch), note=run.reuse_rng)
         return mean_pass(done, run.data_parallel, self.aux) if reduce else done
 
+    def point_at(self, params: Params, e: PyTree) -> Params:
+        """``w + e``, out of place."""
+        return _tree.add_scaled(params, e, 1.0)
+
     def second(self, point: Params, batch: Batch) -> Pass:
         """The pass at ``w + e`` on the first pass's parts and draws, one BatchNorm update kept."""
         with self._guard():

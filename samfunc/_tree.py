@@ -418,13 +418,21 @@ def all_finite(tree: PyTree) -> torch.Tensor:
     return flags[0] if len(flags) == 1 else torch.stack(flags).all()
 
 
+#: Up to this many elements ``norm_is_finite`` runs GradScaler's fused check (it reads and
+#: writes each element once); beyond, the norm (read only) was faster (2 CPU cores: 1.2x at
+#: 4.3M elements, while the fused check was 1.3x faster at 0.3M and 3x at 9K).
+FUSED_CHECK_MAX = 1 << 20
+
+
 def norm_is_finite(tree: PyTree) -> bool:
     """Whether every element of ``tree`` is finite, read on the host (a device sync).
 
-    Eager, over plain dense tensors on one device, it is one fused kernel
+    Eager, over plain dense tensors on one device of up to ``FUSED_CHECK_MAX``
+    elements, it is one fused kernel
     (``torch._amp_foreach_non_finite_check_and_unscale_``, ``GradScaler``'s
-    check, with a scale of 1: it rewrites each element as itself) and one read.
-    Elsewhere the global L2 norm (fused) is finite only if every element is;
+    check, with a scale of 1: it rewrites each element as itself) and one read;
+    beyond that, where memory traffic outweighs the ops, and elsewhere, the
+    global L2 norm (fused, read only) is finite only if every element is;
     only when it is not (a NaN or inf, or a norm beyond float32) does the exact
     ``all_finite`` run. Either way finite values of any size pass.
 
@@ -436,7 +444,7 @@ def norm_is_finite(tree: PyTree) -> bool:
         False
     """
     tensors = leaves(tree)
-    if _plain_on_one_device(tensors):
+    if _plain_on_one_device(tensors) and sum(t.numel() for t in tensors) <= FUSED_CHECK_MAX:
         found = torch.zeros(1, device=tensors[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, found.new_ones(()))
         return not bool(found)
@@ -557,6 +565,15 @@ def copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) 
             target.copy_(source)
         return
     torch._foreach_copy_(list(targets), list(sources))
+
+
+def add_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """``target.add_(source)`` for each pair, in place (one fused op; one each for DTensors)."""
+    if any(type(t) not in _PLAIN and is_dtensor(t) for t in targets):
+        for target, source in zip(targets, sources):
+            target.add_(source)
+        return
+    torch._foreach_add_(list(targets), list(sources))
 
 
 def scalar_like(reference: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
