@@ -32,18 +32,16 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any, Optional
 
 import torch
 from torch.func import vmap
-from typing_extensions import Unpack
 
 from . import _batch, _distributed, _rng, _tree
-from ._base import EngineOptions, LossFn, MethodState, OptState, Params, Pieces
+from ._base import LossFn, MethodState, Params, Pieces
 from ._finite import raise_if_nonfinite
 from ._loss_scale import LossScaleState
-from ._options import FIRST_PASS, ONE_PASS, RunOptions, run_options
+from ._options import FIRST_PASS, ONE_PASS, RunOptions
 from ._passes import FirstPass, LossPasses, Pass, chunk_mean, refuse_choice_under_compile
 from ._phases import (
     advance,
@@ -56,7 +54,6 @@ from ._phases import (
     combine,
     decide,
     evaluation_point,
-    init_state,
     is_whole,
     kind_of_step,
     per_sample,
@@ -65,9 +62,8 @@ from ._phases import (
     two_pass,
 )
 from ._tree import PyTree
-from ._validate import check_bool
 
-__all__ = ["interpret", "run_step", "first_phase", "finish_phase", "Interpreted"]
+__all__ = ["interpret", "run_step", "first_phase", "finish_phase"]
 
 Batch = PyTree
 
@@ -357,39 +353,10 @@ def _mean_of_processes(
     return grads, value, _tree.unflatten(leaves, spec)
 
 
-# --- the built-in methods' grad ---------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    """``Interpreted`` moved to ``samfunc._interpreted``: pickles made before still load."""
+    if name == "Interpreted":
+        from ._interpreted import Interpreted
 
-
-@dataclasses.dataclass(frozen=True)
-class Interpreted:
-    """A method's ``grad`` and ``init``: the interpreter running its ``pieces``.
-
-    Plain data (it pickles when the pieces do), so a method object travels
-    with ``pickle``, ``copy.deepcopy`` and ``torch.save``.
-    """
-
-    pieces: Pieces
-
-    def init(self, params: Params) -> Any:
-        """The method's first state."""
-        return init_state(self.pieces, params)
-
-    def __call__(
-        self,
-        loss_fn: LossFn,
-        params: Params,
-        batch: Any,
-        state: OptState,
-        *,
-        full: Optional[bool] = None,
-        **options: Unpack[EngineOptions],
-    ) -> tuple[PyTree, Any, Any]:
-        """``(grads, loss, new_state)``; ``(grads, (loss, aux), new_state)`` with ``has_aux``.
-
-        ``full`` forces the kind of step (True: both passes; False: one pass at
-        ``w``, the gradient from the combiner's ``reuse``); None lets the
-        method's policy choose (every step is full without one).
-        """
-        if full is not None:
-            full = check_bool("full", full)
-        return interpret(self.pieces, loss_fn, params, batch, state, run_options(options), full)
+        return Interpreted
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

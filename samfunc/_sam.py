@@ -46,10 +46,10 @@ from ._base import (
     Rho,
     SamOptions,
 )
+from ._interpreted import sam_method
 from ._options import run_options
 from ._tree import PyTree
 from ._validate import check_bool, check_rho
-from .methods.sam import sam
 
 __all__ = [
     "SamGradOptions",
@@ -164,12 +164,12 @@ def sam_grad_and_value(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     has_aux = check_bool("has_aux", has_aux)
     sam_options, engine_options = _split(options)
-    method = sam(**sam_options)
+    method = sam_method(**sam_options)
     run_options({**engine_options, "has_aux": has_aux})  # type: ignore[typeddict-item]
     shape = {k: v for k, v in sam_options.items() if k != "rho"}
 
     def sam_fn(params: Params, batch: Batch, rho: Optional[Rho] = None) -> tuple[PyTree, Any]:
-        chosen = method if rho is None else sam(check_rho(rho), **shape)
+        chosen = method if rho is None else sam_method(check_rho(rho), **shape)
         grads, value, _ = chosen.grad(
             loss_fn, params, batch, chosen.init(params), has_aux=has_aux, **engine_options
         )

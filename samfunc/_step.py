@@ -44,6 +44,7 @@ from ._choose import PLANNED, ChoosingStep, Kind
 from ._distributed import refuse_parallel_wrapper
 from ._engine import finish_phase, first_phase, interpret
 from ._finite import NonFinitePolicy, check_policy
+from ._interpreted import plain_gradient_method, sam_method
 from ._loss_scale import DynamicLossScale, LossScaleState
 from ._module import ModuleAux, has_tied_tensors, mean_over_parts, module_loss, module_state
 from ._options import RunOptions, run_options
@@ -53,7 +54,6 @@ from ._transform import ScaleByLearningRateState, init_count
 from ._tree import PyTree
 from ._update import apply_updates
 from ._validate import check_bool
-from .methods.sam import plain_gradient, sam
 
 __all__ = [
     "TrainState",
@@ -191,7 +191,7 @@ def init_train_state(
         params = params_or_module
         _tree.check_detached(params, "params")
     step = init_count(params)
-    pieces = pieces_of(sam() if method is None else method)
+    pieces = pieces_of(sam_method() if method is None else method)
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
@@ -252,8 +252,8 @@ def _method(options: StepOptions) -> Method:
         pieces_of(method)  # a clear error for anything but a Method
         return method
     shape: dict[str, Any] = {k: options[k] for k in given}  # type: ignore[literal-required]
-    built = sam(**shape)  # the shortcuts are checked even when sam=False leaves them unused
-    return built if sam_on else plain_gradient()
+    built = sam_method(**shape)  # the shortcuts are checked even when sam=False leaves them unused
+    return built if sam_on else plain_gradient_method()
 
 
 def _settings(options: StepOptions) -> _Settings:

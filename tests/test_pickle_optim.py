@@ -272,3 +272,20 @@ def test_the_states_of_these_modules_are_on_torchs_allow_list() -> None:
         samfunc.LossScaleState,
     ):
         assert state_type in allowed, state_type.__name__
+
+
+def test_a_method_pickled_before_the_interpreter_record_moved_still_loads() -> None:
+    """Interpreted lived in samfunc._engine; whole-object checkpoints name it there."""
+    import pickle
+
+    method = samfunc.gsam(0.1, alpha=0.2)
+    old = pickle.dumps(method, protocol=0).replace(
+        b"samfunc._interpreted\nInterpreted", b"samfunc._engine\nInterpreted"
+    )
+    assert b"samfunc._engine\nInterpreted" in old
+    loaded = pickle.loads(old)
+    params = {"w": torch.tensor([1.0, -2.0])}
+    loss_fn = lambda p, b: ((p["w"] * b) ** 2).sum()  # noqa: E731
+    expected = method.grad(loss_fn, params, torch.ones(2), method.init(params))[0]
+    got = loaded.grad(loss_fn, params, torch.ones(2), loaded.init(params))[0]
+    assert torch.equal(expected["w"], got["w"])

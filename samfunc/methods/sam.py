@@ -53,7 +53,7 @@ from .._base import (
     Updates,
 )
 from .._combine import chain, takes_count
-from .._engine import Interpreted
+from .._interpreted import method_from, plain_gradient_method, sam_method
 from .._phases import IDENTITY, pieces_of, reads_gradient
 from .._transform import scale
 from .._validate import check_fraction, check_in_interval, check_nonnegative, check_number
@@ -90,12 +90,6 @@ def perturbed_gradient() -> Combiner:
     return IDENTITY
 
 
-def method_from(pieces: Pieces) -> Method:
-    """The ``Method`` that runs ``pieces`` through the interpreter."""
-    interpreted = Interpreted(pieces)
-    return Method(interpreted.init, interpreted, pieces)
-
-
 def plain_gradient() -> Method:
     """The plain gradient as a method: one pass at ``w`` (the train steps' ``sam=False``).
 
@@ -109,7 +103,7 @@ def plain_gradient() -> Method:
         >>> grads["w"]
         tensor([1., 1.])
     """
-    return method_from(Pieces("plain_gradient", None, perturbed_gradient()))
+    return plain_gradient_method()
 
 
 def sharpness_aware(
@@ -222,7 +216,7 @@ def sam(rho: Rho = 0.05, **options: Unpack[PerturbationOptions]) -> Method:
         >>> import samfunc
         >>> method = samfunc.sam(rho=0.05, adaptive=True, eta=0.01)
     """
-    return sharpness_aware(sam_ascent(rho, **options), name="sam")
+    return sam_method(rho, **options)
 
 
 def surrogate_gap_decomposition(alpha: float) -> Combiner:
