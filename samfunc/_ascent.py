@@ -279,9 +279,8 @@ class _ScaleByRadius:
             value = _radius_from(value)
         return guard_radius(value)
 
-    def advanced(
-        self, state: ScaleByRadiusState, radius: float | torch.Tensor
-    ) -> ScaleByRadiusState:
+    @staticmethod
+    def advanced(state: ScaleByRadiusState, radius: float | torch.Tensor) -> ScaleByRadiusState:
         """The state after a step at ``radius`` (kept as a float32 metric).
 
         Recorded at every step, also for a constant rho: a state may come from

@@ -40,27 +40,6 @@ def _plain_autograd_is_exact(params: PyTree) -> bool:
     return not any(leaf.requires_grad for leaf in _tree.leaves(params))
 
 
-def _detach(x: Any) -> Any:
-    return x.detach() if isinstance(x, torch.Tensor) else x
-
-
-def _detached(aux: Any) -> Any:
-    """``aux`` with every tensor detached.
-
-    The usual shapes (a tensor, a dict of tensors, a tuple or named tuple of
-    those) without a pytree walk; anything else through one.
-    """
-    kind = type(aux)
-    if kind is torch.Tensor:
-        return aux.detach()
-    if kind is dict and set(map(type, aux.values())) <= {torch.Tensor}:
-        return {k: v.detach() for k, v in aux.items()}
-    if isinstance(aux, tuple) and (kind is tuple or hasattr(aux, "_fields")):
-        items = [_detached(item) for item in aux]
-        return kind(*items) if kind is not tuple else tuple(items)
-    return _tree.tree_map(_detach, aux)
-
-
 def _autograd_grad_and_value(
     loss_fn: Callable[..., Any], params: PyTree, batch: Any, has_aux: bool
 ) -> tuple[PyTree, Any]:
@@ -71,7 +50,7 @@ def _autograd_grad_and_value(
         loss = out[0] if has_aux else out
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     filled = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-    value = (loss.detach(), _detached(out[1])) if has_aux else loss.detach()
+    value = (loss.detach(), _tree.detached(out[1])) if has_aux else loss.detach()
     return _tree.unflatten(filled, spec), value
 
 

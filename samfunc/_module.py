@@ -155,8 +155,7 @@ def module_loss(
         output = _call_with(module, params, new_buffers, args, tie_weights)
         loss = criterion(output, targets)
         if detach_output:
-            plain = type(output) is torch.Tensor
-            output = output.detach() if plain else _tree.tree_map(_detach, output)
+            output = _tree.detached(output)
         return loss, ModuleAux(buffers=new_buffers, output=output)
 
     return loss_fn
@@ -215,10 +214,6 @@ def _slots(module: torch.nn.Module, trees: tuple[Tensors, Tensors]) -> list[Slot
 
 
 _SWAPPABLE = (torch.Tensor, torch.nn.Parameter)
-
-
-def _detach(x: Any) -> Any:
-    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def mean_over_parts(buffers: Tensors) -> Tensors:

@@ -39,17 +39,6 @@ ENGINE_POLICIES = ("propagate", "raise")
 
 Batch = PyTree
 
-#: The options a caller may pass (``samfunc.EngineOptions``).
-ENGINE_OPTIONS = (
-    "has_aux",
-    "num_chunks",
-    "accum_steps",
-    "vectorize_chunks",
-    "reuse_rng",
-    "nonfinite",
-    "data_parallel",
-)
-
 
 class RunOptions(NamedTuple):
     """``EngineOptions`` checked, with every default filled in."""
@@ -74,6 +63,14 @@ class RunOptions(NamedTuple):
     def reduces_each_pass(self) -> bool:
         """Data-parallel in ``"global"`` mode: each pass's gradient is averaged."""
         return self.data_parallel is not None and self.data_parallel.is_global
+
+
+#: The options a caller may pass: ``samfunc.EngineOptions``'s, in ``RunOptions``' order.
+ENGINE_OPTIONS = tuple(
+    name
+    for name in RunOptions._fields
+    if name in EngineOptions.__required_keys__ | EngineOptions.__optional_keys__
+)
 
 
 def run_options(options: EngineOptions) -> RunOptions:

@@ -40,6 +40,7 @@ from ._base import (
 from ._combine import takes_count, update_with_count
 from ._finite import raise_if_nonfinite, refuse_raise_under_compile
 from ._options import (
+    ENGINE_OPTIONS,
     FIRST_PASS,
     SECOND_PASS,
     RunOptions,
@@ -163,7 +164,7 @@ def ascend(pieces: Pieces, grads: PyTree, state: MethodState, params: Params) ->
             pieces.ascent, pieces.ascent_takes_count, grads, state.ascent, params, state.steps
         )
     except StateMismatchError as error:
-        raise _foreign(pieces, "ascent", error) from None
+        raise _foreign(pieces, _unfit("ascent", error)) from None
 
 
 def combine(
@@ -173,7 +174,7 @@ def combine(
     try:
         return pieces.combiner.update(grads, perturbed_grads, state.combine, params)
     except StateMismatchError as error:
-        raise _foreign(pieces, "combine", error) from None
+        raise _foreign(pieces, _unfit("combine", error)) from None
 
 
 def reuse(pieces: Pieces, grads: PyTree, state: MethodState, point: Params) -> tuple[PyTree, Any]:
@@ -183,7 +184,7 @@ def reuse(pieces: Pieces, grads: PyTree, state: MethodState, point: Params) -> t
     try:
         return pieces.combiner.reuse(grads, state.combine, point)
     except StateMismatchError as error:
-        raise _foreign(pieces, "combine", error) from None
+        raise _foreign(pieces, _unfit("combine", error)) from None
 
 
 def decide(pieces: Pieces, grads: PyTree, state: MethodState) -> tuple[torch.Tensor, Any]:
@@ -192,19 +193,24 @@ def decide(pieces: Pieces, grads: PyTree, state: MethodState) -> tuple[torch.Ten
     try:
         return pieces.policy.decide(_tree.vdot(grads, grads), state.policy, state.steps)
     except StateMismatchError as error:
-        raise _foreign(pieces, "policy", error) from None
+        raise _foreign(pieces, _unfit("policy", error)) from None
 
 
 def _is_empty(part: Any) -> bool:
     return type(part) is tuple and not part
 
 
-def _foreign(pieces: Pieces, part: str, error: StateMismatchError) -> StateMismatchError:
-    """``error`` (a piece's own) restated for the method: its state came from another method."""
+def _unfit(part: str, error: StateMismatchError) -> str:
+    """A piece's own error, as what is wrong with the method state's ``part``."""
+    return f"its {part} part does not fit ({error})"
+
+
+def _foreign(pieces: Pieces, what: str) -> StateMismatchError:
+    """The method's error for a state another method made; ``what`` says which part is wrong."""
     return StateMismatchError(
-        f"{pieces.name} got a method state made by another method's init: its {part} part "
-        f"does not fit ({error}). Build it with the same method: {pieces.name}'s "
-        "init(params), or init_train_state(..., method=the same method)"
+        f"{pieces.name} got a method state made by another method's init: {what}. Build it "
+        f"with the same method: {pieces.name}'s init(params), or init_train_state(..., "
+        "method=the same method)"
     )
 
 
@@ -282,18 +288,13 @@ def check_method_state(pieces: Pieces, state: Any) -> None:
     check_state(pieces.name, state, MethodState)
     expected = pieces.combiner.state_type
     if expected is not None and pieces.whole is None and not isinstance(state.combine, expected):
-        raise StateMismatchError(
-            f"{pieces.name} got a method state made by another method's init: its combine part "
-            f"is {type(state.combine).__name__}, where {pieces.name} keeps {expected.__name__}. "
-            f"Build it with the same method: {pieces.name}'s init(params), or "
-            "init_train_state(..., method=the same method)"
+        found = type(state.combine).__name__
+        raise _foreign(
+            pieces, f"its combine part is {found}, where {pieces.name} keeps {expected.__name__}"
         )
     if pieces.policy is None and pieces.whole is None and not _is_empty(state.policy):
-        raise _foreign(
-            pieces,
-            "policy",
-            StateMismatchError(f"{type(state.policy).__name__}, where there is no policy"),
-        )
+        found = type(state.policy).__name__
+        raise _foreign(pieces, f"its policy part does not fit ({found}, where there is no policy)")
 
 
 def check_pass(
@@ -344,7 +345,7 @@ def call_whole(
     options = {
         name: value
         for name, value in run._asdict().items()
-        if value != getattr(defaults, name) and name not in ("nonfinite", "guard_running_stats")
+        if value != getattr(defaults, name) and name in ENGINE_OPTIONS and name != "nonfinite"
     }
     accepted = accepted_options(method.grad)
     if accepted is not None:

@@ -43,6 +43,7 @@ __all__ = [
     "first_difference",
     "check_same_shapes",
     "check_detached",
+    "detached",
     "find_leaf",
     "fused_ops",
     "global_norm",
@@ -340,24 +341,13 @@ def vdot(a: PyTree, b: PyTree, dtype: torch.dtype | None = None) -> torch.Tensor
     """
     a_leaves, b_leaves = leaves(a), leaves(b)
     wide = _accumulation_dtype(a_leaves) if dtype is None else dtype
-    if _fused_in(wide, a_leaves, b_leaves):  # one op for every leaf's dot product
+    both = [*a_leaves, *b_leaves]
+    if _plain_on_one_device(both) and all(t.dtype == wide for t in both):  # one op for all
         rows = [x.reshape(1, -1) for x in a_leaves]
         columns = [y.reshape(-1, 1) for y in b_leaves]
         return torch.cat(torch._foreach_mm(rows, columns)).sum()
     terms = [(x.to(wide) * y.to(wide)).sum() for x, y in zip(a_leaves, b_leaves)]
     return torch.stack(terms).sum()
-
-
-def _fused_in(dtype: torch.dtype, *groups: Sequence[torch.Tensor]) -> bool:
-    """Whether ``groups`` are plain tensors of ``dtype`` on one device, outside transforms."""
-    if not groups[0] or not fused_ops():
-        return False
-    device = groups[0][0].device
-    return all(
-        type(t) is torch.Tensor and t.dtype == dtype and t.device == device
-        for group in groups
-        for t in group
-    )
 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -444,7 +434,11 @@ def norm_is_finite(tree: PyTree) -> bool:
         False
     """
     tensors = leaves(tree)
-    if _plain_on_one_device(tensors) and sum(t.numel() for t in tensors) <= FUSED_CHECK_MAX:
+    if (
+        _plain_on_one_device(tensors)
+        and all(map(_rewritable, tensors))
+        and sum(t.numel() for t in tensors) <= FUSED_CHECK_MAX
+    ):
         found = torch.zeros(1, device=tensors[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, found.new_ones(()))
         return not bool(found)
@@ -452,23 +446,25 @@ def norm_is_finite(tree: PyTree) -> bool:
 
 
 def _plain_on_one_device(tensors: Sequence[torch.Tensor]) -> bool:
-    """Tensors the fused check may rewrite in place: eager, plain, dense, floating, one device.
-
-    Contiguous (an expanded gradient shares memory between elements) and
-    outside autograd (no version counter a graph would check).
-    """
+    """Plain tensors (no subclass) on one device, outside transforms: one fused op takes them."""
     if not tensors or not fused_ops():
         return False
     device = tensors[0].device
-    return all(
-        type(t) is torch.Tensor
-        and t.device == device
+    return all(type(t) is torch.Tensor and t.device == device for t in tensors)
+
+
+def _rewritable(t: torch.Tensor) -> bool:
+    """Whether a fused op may rewrite ``t`` in place: dense, floating, contiguous, no autograd.
+
+    Contiguous (an expanded gradient shares memory between elements), outside
+    autograd (no version counter a graph would check) and not an inference tensor.
+    """
+    return (
+        t.layout == torch.strided
         and t.is_floating_point()
         and t.is_contiguous()
         and not t.requires_grad
         and not t.is_inference()
-        and t.layout == torch.strided
-        for t in tensors
     )
 
 
@@ -560,20 +556,30 @@ def copy_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) 
     One fused ``torch._foreach_copy_``, except for DTensors (FSDP2's sharded
     parameters), for which that op has no sharding strategy: one copy each.
     """
-    if any(type(t) not in _PLAIN and is_dtensor(t) for t in targets):
-        for target, source in zip(targets, sources):
-            target.copy_(source)
-        return
-    torch._foreach_copy_(list(targets), list(sources))
+    _in_place(torch._foreach_copy_, torch.Tensor.copy_, targets, sources)
 
 
 def add_into(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
     """``target.add_(source)`` for each pair, in place (one fused op; one each for DTensors)."""
+    _in_place(torch._foreach_add_, torch.Tensor.add_, targets, sources)
+
+
+def _in_place(
+    fused: Callable[..., Any],
+    each: Callable[..., Any],
+    targets: Sequence[torch.Tensor],
+    sources: Sequence[torch.Tensor],
+) -> None:
+    """``fused(targets, sources)``, or ``each(target, source)`` per pair where one is a DTensor.
+
+    DTensors (FSDP2's sharded parameters) have no sharding strategy for the
+    foreach ops.
+    """
     if any(type(t) not in _PLAIN and is_dtensor(t) for t in targets):
         for target, source in zip(targets, sources):
-            target.add_(source)
+            each(target, source)
         return
-    torch._foreach_add_(list(targets), list(sources))
+    fused(list(targets), list(sources))
 
 
 def scalar_like(reference: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
@@ -590,6 +596,32 @@ def scalar_like(reference: torch.Tensor, value: float | torch.Tensor) -> torch.T
     if isinstance(value, float) and not torch.compiler.is_compiling():
         return torch.full((), value, dtype=reference.dtype, device=reference.device)
     return (torch.ones_like(reference) * value).to(reference.dtype)
+
+
+def detached(tree: PyTree) -> PyTree:
+    """``tree`` with every tensor detached (other leaves as they are).
+
+    The usual shapes (a tensor, a dict of tensors, a tuple or named tuple of
+    those) without a pytree walk; anything else through one.
+
+    Examples:
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> detached({"y": w * 2})["y"].requires_grad
+        False
+    """
+    kind = type(tree)
+    if kind is torch.Tensor:
+        return tree.detach()
+    if kind is dict and set(map(type, tree.values())) <= {torch.Tensor}:
+        return {k: v.detach() for k, v in tree.items()}
+    if isinstance(tree, tuple) and (kind is tuple or hasattr(tree, "_fields")):
+        items = [detached(item) for item in tree]
+        return kind(*items) if kind is not tuple else tuple(items)
+    return tree_map(_detach_leaf, tree)
+
+
+def _detach_leaf(leaf: Any) -> Any:
+    return leaf.detach() if isinstance(leaf, torch.Tensor) else leaf
 
 
 def zeros_like(tree: PyTree) -> PyTree:

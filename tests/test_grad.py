@@ -58,8 +58,8 @@ def test_inside_a_function_transform_torch_func_runs() -> None:
 def test_aux_comes_back_detached_in_every_usual_shape() -> None:
     from collections import OrderedDict
 
-    from samfunc._grad import _detached
     from samfunc._module import ModuleAux
+    from samfunc._tree import detached
 
     w = torch.ones(2, requires_grad=True)
     y = w * 2
@@ -72,7 +72,7 @@ def test_aux_comes_back_detached_in_every_usual_shape() -> None:
         {"n": 1, "t": y},
     ]
     for aux in shapes:
-        out = _detached(aux)
+        out = detached(aux)
         assert type(out) is type(aux)
         leaves = [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
         assert leaves and not any(x.requires_grad for x in leaves)

@@ -707,6 +707,20 @@ def test_another_methods_state_does_not_load() -> None:
         plain.load_state_dict(looksam.state_dict())
 
 
+#: The methods whose states the two tests below give one another, by name.
+BUILD = {
+    "gsam": lambda: samfunc.gsam(0.1),
+    "looksam": lambda: samfunc.looksam(0.1, k=2),
+    "sam": lambda: samfunc.sam(0.1),
+    "momentum_sam": lambda: samfunc.momentum_sam(0.1),
+    "wsam": lambda: samfunc.wsam(0.1),
+    "mesa": lambda: samfunc.mesa(),
+    "vasso": lambda: samfunc.vasso(0.1),
+    "friendly_sam": lambda: samfunc.friendly_sam(0.1),
+    "ae_sam": lambda: samfunc.ae_sam(0.1),
+}
+
+
 @pytest.mark.parametrize(
     ("built", "given", "kept"),
     [
@@ -720,14 +734,7 @@ def test_another_methods_state_is_refused_by_every_driver(
     built: str, given: str, kept: str
 ) -> None:
     """Not silently run (gsam ignored LookSAM's state): the error names both."""
-    make = {
-        "gsam": lambda: samfunc.gsam(0.1),
-        "looksam": lambda: samfunc.looksam(0.1, k=2),
-        "sam": lambda: samfunc.sam(0.1),
-        "momentum_sam": lambda: samfunc.momentum_sam(0.1),
-        "wsam": lambda: samfunc.wsam(0.1),
-        "mesa": lambda: samfunc.mesa(),
-    }
+    make = BUILD
     params = {"w": torch.ones(3, dtype=DTYPE)}
     opt = samfunc.sgd(0.1)
     state = samfunc.init_train_state(params, opt, method=make[given]())
@@ -761,13 +768,7 @@ def test_another_methods_ascent_or_policy_state_is_refused_naming_the_method(
     built: str, given: str, part: str
 ) -> None:
     """The piece's own check, restated for the method: in method.grad, the train step, the class."""
-    make = {
-        "vasso": lambda: samfunc.vasso(0.1),
-        "sam": lambda: samfunc.sam(0.1),
-        "gsam": lambda: samfunc.gsam(0.1),
-        "friendly_sam": lambda: samfunc.friendly_sam(0.1),
-        "ae_sam": lambda: samfunc.ae_sam(0.1),
-    }
+    make = BUILD
     params = {"w": torch.ones(3, dtype=DTYPE)}
     message = f"{built} got a method state made by another method's init: its {part} part"
     loss_fn = lambda p, b: (p["w"] * b).sum() ** 2  # noqa: E731
